@@ -1,0 +1,79 @@
+"""Turning decoded JSON values into a validated 2-D feature matrix, without Python loops
+over elements: numpy does the conversion in C, we only inspect the resulting dtype.
+
+Input policy (documented in the README):
+- numbers only; strings (even numeric ones) and booleans where numbers are expected are
+  rejected with 400;
+- ``null`` means a missing value: accepted for runtimes that handle missing values natively
+  (XGBoost), rejected with 400 for the others;
+- non-finite values (``NaN``/``Infinity`` are not JSON; numbers too large for float64) are
+  rejected with 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from serve_app.errors import BadInput
+
+OUTPUTS = ("predict", "predict_proba")
+
+
+def as_float_matrix(values: Any, n_features: int, accepts_missing: bool, what: str) -> np.ndarray:
+    """``values`` as a float64 array of shape (rows, n_features), or a BadInput saying why."""
+    try:
+        array = np.asarray(values)
+    except ValueError:
+        raise BadInput(f"{what}: rows have different lengths; each needs {n_features} features") from None
+    if array.dtype.kind == "O":  # nulls (or a mix numpy could not type): try as numbers
+        try:
+            array = array.astype(np.float64)
+        except (TypeError, ValueError):
+            raise BadInput(f"{what}: values must be numbers or null") from None
+    elif array.dtype.kind not in "iuf":
+        kind = {"U": "strings", "S": "strings", "b": "booleans"}.get(array.dtype.kind, str(array.dtype))
+        raise BadInput(f"{what}: values must be numbers, got {kind}")
+    array = array.astype(np.float64, copy=False)
+    if array.ndim == 1 and array.size == n_features:
+        array = array.reshape(1, -1)
+    if array.ndim != 2 or array.shape[1] != n_features:
+        got = array.shape[1] if array.ndim == 2 else f"shape {list(array.shape)}"
+        raise BadInput(f"{what}: expected {n_features} features per row, got {got}")
+    return check_finite(array, accepts_missing, what)
+
+
+def check_finite(array: np.ndarray, accepts_missing: bool, what: str) -> np.ndarray:
+    if array.shape[0] == 0:
+        raise BadInput(f"{what}: no rows to predict")
+    if array.dtype.kind == "f":
+        if np.isinf(array).any():
+            raise BadInput(f"{what}: non-finite values (Infinity) are not accepted")
+        if not accepts_missing and np.isnan(array).any():
+            raise BadInput(f"{what}: missing values (null/NaN) are not accepted by this model")
+    return array
+
+
+def columns_to_matrix(columns: dict[str, Any], feature_names: Sequence[str], what: str) -> list:
+    """Order named columns (or named row fields) by the model's features, naming any
+    unknown or missing feature."""
+    unknown = sorted(set(columns) - set(feature_names))
+    missing = [f for f in feature_names if f not in columns]
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"unknown features {unknown}")
+        if missing:
+            parts.append(f"missing features {missing}")
+        raise BadInput(f"{what}: {'; '.join(parts)}; expected {list(feature_names)}")
+    return [columns[f] for f in feature_names]
+
+
+def check_outputs(requested: Sequence[str], is_classifier: bool) -> tuple[str, ...]:
+    bad = [o for o in requested if o not in OUTPUTS]
+    if bad:
+        raise BadInput(f"unknown output(s) {bad}; available: {list(OUTPUTS)}")
+    if "predict_proba" in requested and not is_classifier:
+        raise BadInput("predict_proba is only available for classification models")
+    return tuple(dict.fromkeys(requested))

@@ -1,0 +1,51 @@
+"""KServe V1 (TensorFlow-Serving style) prediction protocol.
+
+Request:  ``{"instances": [[f1, f2, ...], ...]}`` or ``{"instances": [{"f1": v, ...}, ...]}``,
+          optionally ``"parameters": {"output": "predict_proba"}``.
+Response: ``{"predictions": [...]}`` -- labels/values by default; with
+          ``output: predict_proba`` each prediction is the list of class probabilities in
+          the order of the model's ``classes`` (``GET /v1/models/{name}``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from serve_app.codecs.tensors import as_float_matrix, check_outputs, columns_to_matrix
+from serve_app.errors import BadInput
+from serve_app.metadata import ModelMetadata
+
+
+def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tuple[np.ndarray, str]:
+    if not isinstance(body, dict) or "instances" not in body:
+        raise BadInput('V1 request body must be a JSON object with an "instances" list')
+    instances = body["instances"]
+    if not isinstance(instances, list):
+        raise BadInput('"instances" must be a list of rows')
+    if not instances:
+        raise BadInput('"instances" is empty: send at least one row')
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadInput('"parameters" must be an object')
+    output = parameters.get("output", "predict")
+    (output,) = check_outputs([output], meta.is_classifier)
+    if isinstance(instances[0], dict):
+        if not all(isinstance(row, dict) for row in instances):
+            raise BadInput('"instances" mixes objects and lists; use one form')
+        names = meta.feature_names
+        columns_to_matrix(instances[0], names, "instances[0]")  # names the bad keys
+        try:
+            rows = [[row[f] for f in names] for row in instances]
+        except KeyError as exc:
+            raise BadInput(f"an instance lacks feature {exc.args[0]!r}") from None
+        if any(len(row) != len(names) for row in instances):
+            raise BadInput(f"an instance has features beyond {names}")
+        instances = rows
+    X = as_float_matrix(instances, len(meta.features), accepts_missing, '"instances"')
+    return X, output
+
+
+def encode_response(outputs: dict[str, np.ndarray], output: str) -> dict[str, Any]:
+    return {"predictions": outputs[output]}

@@ -1,0 +1,148 @@
+"""Open Inference Protocol (KServe V2 / Triton) REST, JSON tensors.
+
+Inputs are accepted in two layouts:
+- one tensor of shape ``[N, F]`` (features in the model's order; ``[F]`` is one row);
+- one tensor per feature, named after it, of shape ``[N]`` or ``[N, 1]`` (columnar).
+``data`` may be flat (row-major) or nested. Outputs: ``predict`` (shape ``[N]``) and, for
+classifiers, ``predict_proba`` (``[N, C]``), chosen through the request's ``outputs``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from serve_app.codecs.tensors import check_finite, check_outputs, columns_to_matrix
+from serve_app.errors import BadInput
+from serve_app.metadata import ModelMetadata
+
+# datatype -> (numpy dtype, numpy kinds the JSON values may decode to)
+DATATYPES: dict[str, tuple[type, str]] = {
+    "BOOL": (np.bool_, "b"),
+    "UINT8": (np.uint8, "iu"),
+    "UINT16": (np.uint16, "iu"),
+    "UINT32": (np.uint32, "iu"),
+    "UINT64": (np.uint64, "iu"),
+    "INT8": (np.int8, "iu"),
+    "INT16": (np.int16, "iu"),
+    "INT32": (np.int32, "iu"),
+    "INT64": (np.int64, "iu"),
+    "FP16": (np.float16, "iuf"),
+    "FP32": (np.float32, "iuf"),
+    "FP64": (np.float64, "iuf"),
+}
+_NUMPY_TO_V2 = {np.dtype(dt): name for name, (dt, _) in DATATYPES.items()}
+
+
+def datatype_of(array: np.ndarray) -> str:
+    if array.dtype.kind in "USO":
+        return "BYTES"
+    return _NUMPY_TO_V2[array.dtype]
+
+
+def decode_tensor(tensor: Any, index: int) -> tuple[str, np.ndarray]:
+    """One ``inputs[i]`` entry as a typed array of its declared shape."""
+    where = f"inputs[{index}]"
+    if not isinstance(tensor, dict):
+        raise BadInput(f"{where} must be an object with name, shape, datatype and data")
+    missing = [k for k in ("name", "shape", "datatype", "data") if k not in tensor]
+    if missing:
+        raise BadInput(f"{where} lacks {missing}")
+    name, shape, datatype, data = (tensor[k] for k in ("name", "shape", "datatype", "data"))
+    if datatype not in DATATYPES:
+        raise BadInput(
+            f"{where} ({name}): unsupported datatype {datatype!r}; use one of {sorted(DATATYPES)}"
+        )
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise BadInput(f"{where} ({name}): shape must be a list of non-negative integers")
+    dtype, kinds = DATATYPES[datatype]
+    try:
+        values = np.asarray(data)
+    except ValueError:
+        raise BadInput(f"{where} ({name}): nested data is ragged") from None
+    if values.dtype.kind == "O" and "f" in kinds:  # null = missing value
+        try:
+            values = values.astype(np.float64)
+        except (TypeError, ValueError):
+            raise BadInput(f"{where} ({name}): {datatype} data must be numbers") from None
+    if values.size and values.dtype.kind not in kinds:
+        raise BadInput(f"{where} ({name}): data does not match datatype {datatype}")
+    if values.size != math.prod(shape):
+        raise BadInput(
+            f"{where} ({name}): shape {shape} needs {math.prod(shape)} values, data has {values.size}"
+        )
+    try:
+        return str(name), values.astype(dtype, copy=False).reshape(shape)
+    except OverflowError:
+        raise BadInput(f"{where} ({name}): values out of range for {datatype}") from None
+
+
+def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tuple[np.ndarray, tuple[str, ...], Any]:
+    """The feature matrix, the requested outputs and the request id."""
+    if not isinstance(body, dict):
+        raise BadInput("V2 request body must be a JSON object")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadInput('"inputs" must be a non-empty list of tensors')
+    tensors = [decode_tensor(t, i) for i, t in enumerate(inputs)]
+    n_features = len(meta.features)
+    if len(tensors) == 1 and tensors[0][0] not in meta.feature_names:
+        name, X = tensors[0]
+        if X.ndim == 1 and X.shape[0] == n_features:
+            X = X.reshape(1, -1)
+        if X.ndim != 2 or X.shape[1] != n_features:
+            raise BadInput(
+                f"input {name!r}: expected shape [N, {n_features}] (features in model order), "
+                f"got {list(X.shape)}"
+            )
+    else:
+        by_name = dict(tensors)
+        if len(by_name) != len(tensors):
+            raise BadInput("input tensor names must be unique")
+        columns = columns_to_matrix(by_name, meta.feature_names, "inputs")
+        if any(c.ndim > 2 or (c.ndim == 2 and c.shape[1] != 1) for c in columns):
+            raise BadInput("per-feature inputs must have shape [N] or [N, 1]")
+        lengths = {c.shape[0] for c in columns}
+        if len(lengths) != 1:
+            raise BadInput(f"per-feature inputs differ in length: {sorted(lengths)}")
+        X = np.column_stack([c.reshape(-1) for c in columns])
+    X = check_finite(X.astype(np.float64, copy=False), accepts_missing, "inputs")
+    requested = body.get("outputs") or [{"name": "predict"}]
+    if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
+        raise BadInput('"outputs" must be a list of {"name": ...} objects')
+    outputs = check_outputs([o["name"] for o in requested], meta.is_classifier)
+    return X, outputs, body.get("id")
+
+
+def encode_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
+    array = np.ascontiguousarray(array)
+    return {"name": name, "shape": list(array.shape), "datatype": datatype_of(array), "data": array.reshape(-1)}
+
+
+def encode_response(meta: ModelMetadata, results: dict[str, np.ndarray], outputs, request_id) -> dict[str, Any]:
+    response = {
+        "model_name": meta.name,
+        "model_version": meta.version,
+        "outputs": [encode_tensor(name, results[name]) for name in outputs],
+    }
+    if request_id is not None:
+        response["id"] = request_id
+    return response
+
+
+def model_metadata(meta: ModelMetadata) -> dict[str, Any]:
+    """The V2 model metadata response: one ``[-1, F]`` FP64 input, and the outputs."""
+    outputs = [{"name": "predict", "datatype": "INT64" if meta.is_classifier else "FP64", "shape": [-1]}]
+    if meta.is_classifier:
+        outputs.append({"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(meta.classes or [])]})
+    return {
+        "name": meta.name,
+        "versions": [meta.version],
+        "platform": meta.framework,
+        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, len(meta.features)],
+                    "parameters": {"feature_names": meta.feature_names}}],
+        "outputs": outputs,
+    }

@@ -1,0 +1,75 @@
+"""The application's arguments: the ``args`` block of an application in a Ray Serve config.
+
+Deployment-level knobs (replicas, ``autoscaling_config``, ``max_ongoing_requests``,
+``ray_actor_options``) stay where Ray Serve puts them, in the config's ``deployments`` list,
+keyed by deployment name: ``ModelServer`` for the HTTP ingress (which hosts the in-process
+models) and ``model-<name>`` for each model declared ``dedicated: true``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve_app.store import DEFAULT_STORE, check_segment
+
+
+class ModelSpec(BaseModel):
+    """One served model and how its requests are batched."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: str = Field("latest", description='a version in the store, or "latest"')
+    max_batch_size: int = Field(32, ge=1, description="rows per model call, at most")
+    batch_wait_timeout_s: float = Field(
+        0.002, ge=0, description="how long a batch waits to fill before it runs"
+    )
+    dedicated: bool = Field(
+        False, description="serve from a deployment of its own (model-<name>) behind a handle"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_segment("name", value)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value) -> str:
+        return str(value)
+
+    @property
+    def deployment_name(self) -> str:
+        return f"model-{self.name}"
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field(DEFAULT_STORE, description="model store: a local path or s3://bucket/prefix")
+    train_if_missing: bool = Field(
+        True, description="train the bundled demo models the store lacks before serving"
+    )
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="request bodies above this get 413"
+    )
+    models: list[ModelSpec] = Field(min_length=1)
+
+    @field_validator("store")
+    @classmethod
+    def _absolute_store(cls, value: str) -> str:
+        """Replicas do not share the caller's working directory: pin local paths."""
+        if value.startswith("s3://"):
+            return value
+        return os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        names = [m.name for m in models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"models declared twice: {dupes}")
+        return models

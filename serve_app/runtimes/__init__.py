@@ -1,0 +1,30 @@
+"""Framework runtimes. Importing this package registers every runtime it ships."""
+
+from serve_app.runtimes import sklearn as _sklearn  # noqa: F401  (registers "sklearn")
+from serve_app.runtimes import xgboost as _xgboost  # noqa: F401  (registers "xgboost")
+from serve_app.runtimes.base import (
+    RUNTIMES,
+    ArtifactError,
+    ModelRuntime,
+    UnsupportedOutput,
+    register_runtime,
+    runtime_for,
+)
+
+__all__ = [
+    "RUNTIMES",
+    "ArtifactError",
+    "ModelRuntime",
+    "UnsupportedOutput",
+    "register_runtime",
+    "runtime_for",
+]
+
+
+def load_runtime(store, name: str, version: str | None = None) -> ModelRuntime:
+    """Read metadata, verify the artifact's sha256, and hand the bytes to its runtime."""
+    metadata = store.read_metadata(name, version)
+    return runtime_for(metadata.framework).load(store.read_artifact(metadata), metadata)
+
+
+__all__.append("load_runtime")

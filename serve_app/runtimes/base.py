@@ -1,0 +1,75 @@
+"""The model runtime interface: one small class per framework.
+
+A runtime turns verified artifact bytes into something that answers ``predict`` and
+``predict_proba`` on a 2-D float array. Everything protocol-shaped (JSON, V1/V2 tensors)
+stays in :mod:`serve_app.codecs`; everything transport-shaped stays in :mod:`serve_app.app`.
+Runtimes register themselves by framework name, so the serving path looks a runtime up
+once at load time and never branches on the framework per request.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from serve_app.metadata import ModelMetadata
+
+RUNTIMES: dict[str, type["ModelRuntime"]] = {}
+
+
+class ArtifactError(Exception):
+    """An artifact that must not or cannot be loaded (untrusted types, bad format)."""
+
+
+class UnsupportedOutput(Exception):
+    """The model cannot produce the requested output (e.g. probabilities of a regressor)."""
+
+
+def register_runtime(cls: type["ModelRuntime"]) -> type["ModelRuntime"]:
+    RUNTIMES[cls.framework] = cls
+    return cls
+
+
+def runtime_for(framework: str) -> type["ModelRuntime"]:
+    try:
+        return RUNTIMES[framework]
+    except KeyError:
+        raise ArtifactError(
+            f"no runtime for framework {framework!r}; known: {sorted(RUNTIMES)}"
+        ) from None
+
+
+class ModelRuntime(ABC):
+    framework: ClassVar[str]
+    artifact_name: ClassVar[str]
+    # Whether NaN (JSON null) is a legal "missing value" for this model's inputs.
+    accepts_missing: ClassVar[bool] = False
+
+    def __init__(self, model: Any, metadata: ModelMetadata):
+        self.model = model
+        self.meta = metadata
+
+    @classmethod
+    @abstractmethod
+    def serialize(cls, model: Any) -> bytes:
+        """The artifact bytes for a fitted model (used by training)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, artifact: bytes, metadata: ModelMetadata) -> "ModelRuntime":
+        """A runtime from artifact bytes whose sha256 the store already verified."""
+
+    @abstractmethod
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Class labels (classifiers) or values (regressors), one per row."""
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Per-class probabilities, columns ordered as ``metadata.classes``."""
+        raise UnsupportedOutput(
+            f"model {self.meta.name!r} is a {self.meta.task} model and has no probabilities"
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        return self.meta.to_dict()

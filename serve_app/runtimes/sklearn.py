@@ -1,0 +1,70 @@
+"""scikit-learn estimators and pipelines, stored with skops (never pickle/joblib).
+
+skops refuses to instantiate any type it does not trust. Its defaults trust the scikit-learn
+estimators and plain numpy/scipy containers; on top of those we trust exactly the types in
+``TRUSTED_TYPES`` (the internal tree structures of tree ensembles), plus what an operator
+names in ``SERVE_APP_SKOPS_TRUSTED_TYPES`` (comma-separated, fully qualified). Anything else
+in an artifact refuses to load and the error names the offending types.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import skops.io as sio
+
+from serve_app.metadata import ModelMetadata
+from serve_app.runtimes.base import ArtifactError, ModelRuntime, register_runtime
+
+TRUSTED_TYPES = frozenset(
+    {
+        "sklearn.tree._tree.Tree",
+        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+        "sklearn._loss.link.Interval",
+        "sklearn._loss.link.IdentityLink",
+        "sklearn._loss.link.LogitLink",
+        "sklearn._loss.link.MultinomialLogit",
+        "sklearn._loss.loss.HalfSquaredError",
+        "sklearn._loss.loss.HalfBinomialLoss",
+        "sklearn._loss.loss.HalfMultinomialLoss",
+    }
+)
+
+
+def trusted_types() -> frozenset[str]:
+    extra = os.environ.get("SERVE_APP_SKOPS_TRUSTED_TYPES", "")
+    return TRUSTED_TYPES | {t.strip() for t in extra.split(",") if t.strip()}
+
+
+@register_runtime
+class SklearnRuntime(ModelRuntime):
+    framework = "sklearn"
+    artifact_name = "model.skops"
+
+    @classmethod
+    def serialize(cls, model) -> bytes:
+        return sio.dumps(model)
+
+    @classmethod
+    def load(cls, artifact: bytes, metadata: ModelMetadata) -> "SklearnRuntime":
+        try:
+            untrusted = set(sio.get_untrusted_types(data=artifact))
+        except Exception as exc:  # not a skops file at all
+            raise ArtifactError(f"{metadata.name}: not a readable skops artifact: {exc}") from exc
+        refused = sorted(untrusted - trusted_types())
+        if refused:
+            raise ArtifactError(
+                f"{metadata.name}/{metadata.version}: artifact contains untrusted types "
+                f"{refused}; refusing to load (extend SERVE_APP_SKOPS_TRUSTED_TYPES only "
+                "for types you have audited)"
+            )
+        return cls(sio.loads(artifact, trusted=sorted(untrusted)), metadata)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.model.predict(X)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        if not hasattr(self.model, "predict_proba"):
+            return super().predict_proba(X)
+        return self.model.predict_proba(X)

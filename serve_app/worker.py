@@ -1,0 +1,100 @@
+"""A loaded model plus its dynamic-batching queue: the one place a model is called.
+
+The same :class:`ModelWorker` runs inside the HTTP ingress replica (the default: no
+DeploymentHandle hop on the request path) or inside a dedicated per-model deployment
+(:class:`DedicatedModel`, for models that need their own replicas, autoscaling and
+resources). Requests are queued with ``@serve.batch`` and sized in rows, so many
+single-row requests share one model call while a large request runs on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+from ray import serve
+
+from serve_app import telemetry
+from serve_app.config import ModelSpec
+from serve_app.runtimes import ModelRuntime, load_runtime
+from serve_app.store import ModelStore
+
+
+def _rows(items: Sequence[tuple[np.ndarray, tuple[str, ...]]]) -> int:
+    return sum(x.shape[0] for x, _ in items)
+
+
+class ModelWorker:
+    def __init__(self, runtime: ModelRuntime, spec: ModelSpec):
+        self.runtime = runtime
+        self.meta = runtime.meta
+        self.spec = spec
+        self.accepts_missing = runtime.accepts_missing
+        self._labels = {"model": self.meta.name, "version": self.meta.version}
+        self._batched = serve.batch(
+            max_batch_size=spec.max_batch_size,
+            batch_wait_timeout_s=spec.batch_wait_timeout_s,
+            batch_size_fn=_rows,
+        )(self._run_batch)
+        telemetry.model_loaded(self.meta)
+
+    @classmethod
+    def from_store(cls, store: ModelStore, spec: ModelSpec) -> "ModelWorker":
+        return cls(load_runtime(store, spec.name, spec.version), spec)
+
+    def reconfigure(self, spec: ModelSpec) -> None:
+        """Apply new batching settings without reloading the model."""
+        self.spec = spec
+        self._batched.set_max_batch_size(spec.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+
+    def _compute(self, X: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        results = {}
+        if "predict_proba" in outputs and self.meta.is_classifier:
+            proba = np.asarray(self.runtime.predict_proba(X), dtype=np.float64)
+            results["predict_proba"] = proba
+            if "predict" in outputs:  # derive labels from the probabilities: one model call
+                results["predict"] = np.asarray(self.meta.classes)[np.argmax(proba, axis=1)]
+        elif "predict" in outputs:
+            pred = np.asarray(self.runtime.predict(X))
+            results["predict"] = pred if self.meta.is_classifier else pred.astype(np.float64)
+        telemetry.model_call(self._labels, X.shape[0], time.perf_counter() - started)
+        return results
+
+    async def _run_batch(self, items: list[tuple[np.ndarray, tuple[str, ...]]]) -> list[dict]:
+        if len(items) == 1:
+            return [self._compute(*items[0])]
+        wanted = tuple(dict.fromkeys(o for _, outs in items for o in outs))
+        results = self._compute(np.concatenate([x for x, _ in items]), wanted)
+        answers, start = [], 0
+        for x, outs in items:
+            stop = start + x.shape[0]
+            answers.append({o: results[o][start:stop] for o in outs})
+            start = stop
+        return answers
+
+    async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        if X.shape[0] >= self.spec.max_batch_size:
+            return self._compute(X, outputs)  # already a full batch: don't queue it
+        return await self._batched((X, outputs))
+
+
+@serve.deployment(name="DedicatedModel", max_ongoing_requests=64)
+class DedicatedModel:
+    """A model in a deployment of its own, reached from the ingress by a handle.
+
+    Costs one DeploymentHandle hop per request (measured in the README), in exchange for
+    its own replicas, autoscaling and ``ray_actor_options``. Batching settings come from
+    the model spec and can change through ``user_config`` without a restart.
+    """
+
+    def __init__(self, store_uri: str, spec: ModelSpec):
+        self.worker = ModelWorker.from_store(ModelStore(store_uri), spec)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.worker.reconfigure(self.worker.spec.model_copy(update=user_config))
+
+    async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        return await self.worker.infer(X, outputs)
