@@ -78,6 +78,8 @@ def reference_statistics(X: np.ndarray, feature_names: list[str]) -> dict[str, d
     for j, name in enumerate(feature_names):
         column = X[:, j]
         edges = np.unique(np.quantile(column, REFERENCE_QUANTILES))
+        if edges.size < 2:  # a constant feature: one bin holding every training row
+            edges = np.array([edges[0], edges[0]])
         counts, _ = np.histogram(column, bins=edges)
         stats[name] = {
             "mean": float(column.mean()),

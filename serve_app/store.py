@@ -20,7 +20,7 @@ from typing import Protocol
 from serve_app.metadata import METADATA_FILE, ModelMetadata
 
 DEFAULT_STORE = os.environ.get("SERVE_APP_MODEL_STORE", "./model_store")
-_VALID_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VALID_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class ModelStoreError(Exception):
@@ -46,7 +46,7 @@ def version_sort_key(version: str) -> tuple:
 
 def check_segment(kind: str, value: str) -> str:
     """Names and versions become path segments and S3 keys: keep them boring."""
-    if not _VALID_SEGMENT.match(str(value)):
+    if not _VALID_SEGMENT.fullmatch(str(value)):
         raise ValueError(f"invalid model {kind} {value!r}: use letters, digits, '.', '_', '-'")
     return str(value)
 
@@ -55,6 +55,7 @@ class StorageBackend(Protocol):
     def read_bytes(self, key: str) -> bytes: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def list_children(self, prefix: str) -> list[str]: ...
+    def exists(self, key: str) -> bool: ...
 
 
 class LocalBackend:
@@ -73,6 +74,9 @@ class LocalBackend:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(path)  # readers never see a half-written file
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
 
     def list_children(self, prefix: str) -> list[str]:
         base = self.root / prefix if prefix else self.root
@@ -106,6 +110,10 @@ class S3Backend:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def exists(self, key: str) -> bool:
+        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(key), MaxKeys=1)
+        return any(obj["Key"] == self._key(key) for obj in listed.get("Contents", []))
 
     def list_children(self, prefix: str) -> list[str]:
         full = self._key(prefix).strip("/")
@@ -141,7 +149,11 @@ class ModelStore:
         return {name: self.versions(name) for name in self.backend.list_children("")}
 
     def versions(self, name: str) -> list[str]:
-        return sorted(self.backend.list_children(check_segment("name", name)), key=version_sort_key)
+        """Complete versions only: a version whose metadata is not written yet is invisible."""
+        name = check_segment("name", name)
+        complete = [v for v in self.backend.list_children(name)
+                    if self.backend.exists(f"{name}/{v}/{METADATA_FILE}")]
+        return sorted(complete, key=version_sort_key)
 
     def latest_version(self, name: str) -> str:
         versions = self.versions(name)

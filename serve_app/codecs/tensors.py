@@ -2,8 +2,8 @@
 over elements: numpy does the conversion in C, we only inspect the resulting dtype.
 
 Input policy (documented in the README):
-- numbers only; strings (even numeric ones) and booleans where numbers are expected are
-  rejected with 400;
+- numbers only; strings (even numeric ones) are rejected with 400; JSON ``true``/``false``
+  inside numeric data count as 1/0, as they do in Python;
 - ``null`` means a missing value: accepted for runtimes that handle missing values natively
   (XGBoost), rejected with 400 for the others;
 - non-finite values (``NaN``/``Infinity`` are not JSON; numbers too large for float64) are
@@ -27,11 +27,8 @@ def as_float_matrix(values: Any, n_features: int, accepts_missing: bool, what: s
         array = np.asarray(values)
     except ValueError:
         raise BadInput(f"{what}: rows have different lengths; each needs {n_features} features") from None
-    if array.dtype.kind == "O":  # nulls (or a mix numpy could not type): try as numbers
-        try:
-            array = array.astype(np.float64)
-        except (TypeError, ValueError):
-            raise BadInput(f"{what}: values must be numbers or null") from None
+    if array.dtype.kind == "O":  # nulls, or a mix numpy could not type
+        array = numbers_or_null(array, what)
     elif array.dtype.kind not in "iuf":
         kind = {"U": "strings", "S": "strings", "b": "booleans"}.get(array.dtype.kind, str(array.dtype))
         raise BadInput(f"{what}: values must be numbers, got {kind}")
@@ -42,6 +39,21 @@ def as_float_matrix(values: Any, n_features: int, accepts_missing: bool, what: s
         got = array.shape[1] if array.ndim == 2 else f"shape {list(array.shape)}"
         raise BadInput(f"{what}: expected {n_features} features per row, got {got}")
     return check_finite(array, accepts_missing, what)
+
+
+def numbers_or_null(array: np.ndarray, what: str) -> np.ndarray:
+    """An object array (JSON nulls among the values) as float64 with NaN for null.
+
+    Only this rare path inspects elements one by one: numpy would otherwise turn numeric
+    strings into numbers here."""
+    if not all(v is None or type(v) in (int, float, bool) for v in array.reshape(-1)):
+        raise BadInput(f"{what}: values must be numbers or null")
+    return array.astype(np.float64)
+
+
+def jsonable(array: np.ndarray):
+    """What orjson can write: numeric arrays as they are, string labels as a list."""
+    return array.tolist() if array.dtype.kind in "USO" else array
 
 
 def check_finite(array: np.ndarray, accepts_missing: bool, what: str) -> np.ndarray:

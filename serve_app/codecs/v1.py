@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.codecs.tensors import as_float_matrix, check_outputs, columns_to_matrix
+from serve_app.codecs.tensors import as_float_matrix, check_outputs, columns_to_matrix, jsonable
 from serve_app.errors import BadInput
 from serve_app.metadata import ModelMetadata
 
@@ -48,4 +48,4 @@ def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tup
 
 
 def encode_response(outputs: dict[str, np.ndarray], output: str) -> dict[str, Any]:
-    return {"predictions": outputs[output]}
+    return {"predictions": jsonable(outputs[output])}

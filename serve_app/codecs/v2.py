@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.codecs.tensors import check_finite, check_outputs, columns_to_matrix
+from serve_app.codecs.tensors import check_finite, check_outputs, columns_to_matrix, jsonable, numbers_or_null
 from serve_app.errors import BadInput
 from serve_app.metadata import ModelMetadata
 
@@ -64,10 +64,7 @@ def decode_tensor(tensor: Any, index: int) -> tuple[str, np.ndarray]:
     except ValueError:
         raise BadInput(f"{where} ({name}): nested data is ragged") from None
     if values.dtype.kind == "O" and "f" in kinds:  # null = missing value
-        try:
-            values = values.astype(np.float64)
-        except (TypeError, ValueError):
-            raise BadInput(f"{where} ({name}): {datatype} data must be numbers") from None
+        values = numbers_or_null(values, f"{where} ({name})")
     if values.size and values.dtype.kind not in kinds:
         raise BadInput(f"{where} ({name}): data does not match datatype {datatype}")
     if values.size != math.prod(shape):
@@ -75,6 +72,8 @@ def decode_tensor(tensor: Any, index: int) -> tuple[str, np.ndarray]:
             f"{where} ({name}): shape {shape} needs {math.prod(shape)} values, data has {values.size}"
         )
     try:
+        if values.dtype.kind in "iu" and np.dtype(dtype).kind in "iu":
+            values = np.asarray(data, dtype=dtype)  # raises on out-of-range integers
         return str(name), values.astype(dtype, copy=False).reshape(shape)
     except OverflowError:
         raise BadInput(f"{where} ({name}): values out of range for {datatype}") from None
@@ -119,7 +118,8 @@ def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tup
 
 def encode_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
     array = np.ascontiguousarray(array)
-    return {"name": name, "shape": list(array.shape), "datatype": datatype_of(array), "data": array.reshape(-1)}
+    return {"name": name, "shape": list(array.shape), "datatype": datatype_of(array),
+            "data": jsonable(array.reshape(-1))}
 
 
 def encode_response(meta: ModelMetadata, results: dict[str, np.ndarray], outputs, request_id) -> dict[str, Any]:
@@ -135,7 +135,8 @@ def encode_response(meta: ModelMetadata, results: dict[str, np.ndarray], outputs
 
 def model_metadata(meta: ModelMetadata) -> dict[str, Any]:
     """The V2 model metadata response: one ``[-1, F]`` FP64 input, and the outputs."""
-    outputs = [{"name": "predict", "datatype": "INT64" if meta.is_classifier else "FP64", "shape": [-1]}]
+    label_type = datatype_of(np.asarray(meta.classes)) if meta.is_classifier else "FP64"
+    outputs = [{"name": "predict", "datatype": label_type, "shape": [-1]}]
     if meta.is_classifier:
         outputs.append({"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(meta.classes or [])]})
     return {

@@ -34,10 +34,12 @@ class XGBoostRuntime(ModelRuntime):
 
     @classmethod
     def load(cls, artifact: bytes, metadata: ModelMetadata) -> "XGBoostRuntime":
+        if not artifact:  # libxgboost aborts the process on empty input instead of raising
+            raise ArtifactError(f"{metadata.name}: the XGBoost artifact is empty")
         booster = xgb.Booster()
         try:
             booster.load_model(bytearray(artifact))
-        except xgb.core.XGBoostError as exc:
+        except (xgb.core.XGBoostError, UnicodeDecodeError, ValueError) as exc:
             raise ArtifactError(f"{metadata.name}: not a readable XGBoost model: {exc}") from exc
         return cls(booster, metadata)
 

@@ -1,0 +1,165 @@
+"""Shared fixtures. The ``serve`` fixture runs the real thing: a local Ray head started with
+``ray start`` and the shipped ``configs/serve_config.yaml`` deployed with ``serve run``
+(the HAProxy fast path on, as ``make serve`` does), on free ports, with a temporary model
+store and test-friendly autoscaling delays. No part of Ray is mocked.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "serve_config.yaml"
+BIN = Path(sys.executable).parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; a skip on a laptop without it, a failure under CI=true."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed"
+        if IN_CI:
+            pytest.fail(f"{message}, but CI must run this test (.ci/run installs it)")
+        pytest.skip(message)
+    return path
+
+
+@dataclass
+class ServeCluster:
+    url: str
+    gcs_address: str
+    metrics_url: str
+    config: dict
+    store: Path
+
+    def metric_samples(self, name: str) -> dict[tuple, float]:
+        """Current samples of one metric from Ray's metrics export port, by label set."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.metrics_url, timeout=10).text
+        samples: dict[tuple, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name:
+                    key = tuple(sorted(sample.labels.items()))
+                    samples[key] = samples.get(key, 0.0) + sample.value
+        return samples
+
+    def metric_total(self, name: str, **labels: str) -> float:
+        return sum(
+            value for key, value in self.metric_samples(name).items()
+            if all(dict(key).get(k) == v for k, v in labels.items())
+        )
+
+
+def make_test_config(store: Path, port: int) -> dict:
+    """The shipped config, with a private store/port and delays short enough for tests."""
+    config = copy.deepcopy(yaml.safe_load(CONFIG.read_text()))
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"]["store"] = str(store)
+    for model in app["args"]["models"]:
+        if model["name"] == "iris":
+            model["batch_wait_timeout_s"] = 0.05  # let concurrent requests visibly share a batch
+    # The dedicated model scales fast so the autoscaling test sees up- and downscaling.
+    diabetes = next(d for d in app["deployments"] if d["name"] == "model-diabetes")
+    diabetes["autoscaling_config"].update(
+        min_replicas=1, max_replicas=2, target_ongoing_requests=2,
+        upscale_delay_s=1, downscale_delay_s=3, look_back_period_s=2)
+    return config
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve run exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"Serve did not become ready at {url} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(tmp_path_factory) -> ServeCluster:
+    work = tmp_path_factory.mktemp("serve")
+    store = work / "model_store"
+    http_port, gcs_port, dash_port, metrics_port = (free_port() for _ in range(4))
+    config = make_test_config(store, http_port)
+    config_path = work / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    # Token auth stays on (Ray's default); clients find the token in ~/.ray/auth_token.
+    os.environ["RAY_AUTH_MODE"] = "token"
+    env = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_metrics_report_interval_ms": "1000",
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    gcs = f"127.0.0.1:{gcs_port}"
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=4",
+         f"--dashboard-port={dash_port}", f"--metrics-export-port={metrics_port}",
+         "--disable-usage-stats"],
+        check=True, env=env, cwd=work, stdout=subprocess.DEVNULL,
+    )
+    log = open(work / "serve_run.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "serve"), "run", "--address", gcs, str(config_path)],
+        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        _wait_ready(url, proc)
+        import ray
+
+        ray.init(address=gcs, namespace="serve", log_to_driver=False)
+        yield ServeCluster(url, gcs, f"http://127.0.0.1:{metrics_port}/metrics", config, store)
+    except BaseException:
+        log.flush()
+        print((work / "serve_run.log").read_text()[-5000:], file=sys.stderr)
+        raise
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def serve_url(serve_cluster) -> str:
+    return serve_cluster.url
+
+
+@pytest.fixture()
+def http(serve_url):
+    with httpx.Client(base_url=serve_url, timeout=30) as client:
+        yield client
