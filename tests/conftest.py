@@ -85,7 +85,7 @@ def make_test_config(store: Path, port: int) -> dict:
     diabetes = next(d for d in app["deployments"] if d["name"] == "model-diabetes")
     diabetes["autoscaling_config"].update(
         min_replicas=1, max_replicas=2, target_ongoing_requests=2,
-        upscale_delay_s=1, downscale_delay_s=3, look_back_period_s=2)
+        upscale_delay_s=1, downscale_delay_s=3)
     return config
 
 

@@ -1,0 +1,48 @@
+# Everything bootstraps .venv from pyproject.toml: a fresh clone needs only `make serve`
+# (serve the demo models) and `make test` (the whole suite).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+STORE  ?= ./model_store
+CONFIG ?= configs/serve_config.yaml
+
+# The fast path (README "Fast path"): HAProxy in front of replicas that serve HTTP directly.
+# Ray token authentication stays on; local clients read the token from ~/.ray/auth_token.
+export RAY_SERVE_ENABLE_HA_PROXY ?= 1
+export RAY_AUTH_MODE ?= token
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: venv serve train test test-unit test-serve bench-proxy clean help
+
+help:
+	@echo "make serve   - serve the demo models on http://127.0.0.1:8000 (trains them if missing)"
+	@echo "make test    - run the whole test suite"
+	@echo "make train   - (re)train the demo models into $(STORE)"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python -m serve_app.train --store $(STORE)
+
+serve: $(STAMP)
+	$(BIN)/python -m serve_app.train --store $(STORE) --if-missing
+	$(BIN)/serve run $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not serve"
+
+bench-proxy: $(STAMP)
+	$(BIN)/python bench/proxy_compare.py
+
+clean:
+	rm -rf $(VENV) model_store .pytest_cache

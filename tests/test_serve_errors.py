@@ -1,0 +1,84 @@
+"""Every bad-input row of the README table, against the live server: a 4xx with a JSON
+``{"error": ...}`` naming the problem, and the server keeps answering correctly after it."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.serve
+
+JSON = {"content-type": "application/json"}
+IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
+
+
+def v2_body(shape, data, datatype="FP64", name="input-0"):
+    return {"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}
+
+
+# (README row, method, path, raw body or JSON, headers, status, fragment of the error)
+CASES = [
+    ("malformed JSON", "POST", "/v1/models/iris:predict", b'{"instances": [[1, 2,', JSON, 400, "malformed JSON"),
+    ("NaN literal (not JSON)", "POST", "/v1/models/iris:predict", b'{"instances": [[NaN, 1, 2, 3]]}', JSON, 400, "malformed JSON"),
+    ("Infinity literal (not JSON)", "POST", "/v2/models/iris/infer",
+     b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [Infinity, 1, 2, 3]}]}', JSON, 400, "malformed JSON"),
+    ("number too large for float64", "POST", "/v1/models/iris:predict", b'{"instances": [[1e999, 1, 2, 3]]}', JSON, 400, ""),
+    ("wrong content type", "POST", "/v1/models/iris:predict", b'instances=1', {"content-type": "text/plain"}, 415, "content type"),
+    ("body not a JSON object", "POST", "/v1/models/iris:predict", [1, 2], JSON, 400, "instances"),
+    ("wrong feature count (V1)", "POST", "/v1/models/iris:predict", {"instances": [[1, 2, 3]]}, JSON, 400, "expected 4 features"),
+    ("ragged rows", "POST", "/v1/models/iris:predict", {"instances": [IRIS_ROW, [1, 2]]}, JSON, 400, "different lengths"),
+    ("unknown feature name", "POST", "/v1/models/iris:predict",
+     {"instances": [{"sepal_length_cm": 1, "sepal_width_cm": 2, "petal_length_cm": 3, "petal_width_cm": 4, "colour": 1}]},
+     JSON, 400, "unknown features ['colour']"),
+    ("missing feature name", "POST", "/v1/models/iris:predict",
+     {"instances": [{"sepal_length_cm": 1, "sepal_width_cm": 2, "petal_length_cm": 3}]}, JSON, 400, "missing features ['petal_width_cm']"),
+    ("non-numeric string", "POST", "/v1/models/iris:predict", {"instances": [[5.1, "wide", 1.4, 0.2]]}, JSON, 400, "must be numbers"),
+    ("null for a model without missing-value support", "POST", "/v1/models/iris:predict",
+     {"instances": [[5.1, None, 1.4, 0.2]]}, JSON, 400, "missing values"),
+    ("empty instances", "POST", "/v1/models/iris:predict", {"instances": []}, JSON, 400, "empty"),
+    ("unknown output", "POST", "/v1/models/iris:predict",
+     {"instances": [IRIS_ROW], "parameters": {"output": "logits"}}, JSON, 400, "unknown output"),
+    ("probabilities of a regressor", "POST", "/v2/models/diabetes/infer",
+     {**v2_body([1, 10], [0.0] * 10), "outputs": [{"name": "predict_proba"}]}, JSON, 400, "classification"),
+    ("V2 shape/data mismatch", "POST", "/v2/models/iris/infer", v2_body([2, 4], IRIS_ROW), JSON, 400, "needs 8 values"),
+    ("V2 wrong feature count", "POST", "/v2/models/iris/infer", v2_body([1, 3], [1, 2, 3]), JSON, 400, "expected shape [N, 4]"),
+    ("V2 unknown datatype", "POST", "/v2/models/iris/infer", v2_body([1, 4], IRIS_ROW, "FP128"), JSON, 400, "unsupported datatype"),
+    ("V2 data not of its datatype", "POST", "/v2/models/iris/infer", v2_body([1, 4], IRIS_ROW, "INT32"), JSON, 400, "does not match datatype"),
+    ("V2 missing inputs", "POST", "/v2/models/iris/infer", {"outputs": []}, JSON, 400, "inputs"),
+    ("unknown model (V1)", "POST", "/v1/models/tulip:predict", {"instances": [IRIS_ROW]}, JSON, 404, "not served"),
+    ("unknown model (V2)", "POST", "/v2/models/tulip/infer", v2_body([1, 4], IRIS_ROW), JSON, 404, "not served"),
+    ("unknown version", "POST", "/v2/models/iris/versions/99/infer", v2_body([1, 4], IRIS_ROW), JSON, 404, "no version '99'"),
+    ("unknown model metadata", "GET", "/v2/models/tulip", None, {}, 404, "not served"),
+    ("unknown path", "GET", "/v3/anything", None, {}, 404, "Not Found"),
+    ("wrong method", "GET", "/v2/models/iris/infer", None, {}, 405, "Method Not Allowed"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_a_clear_4xx(http, case):
+    _, method, path, body, headers, status, fragment = case
+    kwargs = {"content": body} if isinstance(body, bytes) else ({"json": body} if body is not None else {})
+    response = http.request(method, path, headers=headers, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert fragment in response.json()["error"]
+    # ... and the server still serves correct answers right after.
+    ok = http.post("/v1/models/iris:predict", json={"instances": [IRIS_ROW]})
+    assert ok.status_code == 200 and ok.json() == {"predictions": [0]}
+
+
+def test_oversized_body_is_413(http, serve_cluster):
+    limit = serve_cluster.config["applications"][0]["args"]["max_request_bytes"]
+    row = ",".join(["1.5"] * 4)
+    n_rows = limit // len(row) + 10
+    body = b'{"instances": [' + b",".join([f"[{row}]".encode()] * n_rows) + b"]}"
+    assert len(body) > limit
+    response = http.post("/v1/models/iris:predict", content=body, headers=JSON)
+    assert response.status_code == 413, response.text[:300]
+    assert "exceeds the limit" in response.json()["error"]
+    assert http.post("/v1/models/iris:predict", json={"instances": [IRIS_ROW]}).status_code == 200
+
+
+def test_missing_content_type_is_read_as_json(http):
+    """Clients such as tritonclient send no content type at all: treat it as JSON."""
+    response = http.post("/v1/models/iris:predict", content=b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}')
+    assert response.status_code == 200, response.text
