@@ -78,9 +78,10 @@ def make_test_config(store: Path, port: int) -> dict:
     config["http_options"]["port"] = port
     app = config["applications"][0]
     app["args"]["store"] = str(store)
-    for model in app["args"]["models"]:
-        if model["name"] == "iris":
-            model["batch_wait_timeout_s"] = 0.05  # let concurrent requests visibly share a batch
+    # One more in-process model that only the batching test calls, so its metrics are exact,
+    # with a wait long enough that concurrent requests visibly share a batch.
+    app["args"]["models"].append(
+        {"name": "wine", "version": "latest", "max_batch_size": 32, "batch_wait_timeout_s": 0.05})
     # The dedicated model scales fast so the autoscaling test sees up- and downscaling.
     diabetes = next(d for d in app["deployments"] if d["name"] == "model-diabetes")
     diabetes["autoscaling_config"].update(

@@ -25,8 +25,10 @@ def local(serve_cluster):
     return {name: load_runtime(store, name) for name in ("iris", "breast-cancer", "diabetes")}
 
 
-def test_v1_lists_models(http):
-    assert http.get("/v1/models").json() == {"models": ["breast-cancer", "diabetes", "iris"]}
+def test_v1_lists_models(http, serve_cluster):
+    declared = [m["name"] for m in serve_cluster.config["applications"][0]["args"]["models"]]
+    assert {"iris", "breast-cancer", "diabetes"} <= set(declared)
+    assert http.get("/v1/models").json() == {"models": sorted(declared)}
 
 
 def test_v1_model_metadata(http, local):

@@ -17,7 +17,6 @@ from serve_app.store import ModelStore
 
 pytestmark = pytest.mark.serve
 
-IRIS = datasets.load_iris().data
 
 
 def _wait_for(predicate, timeout: float, interval: float = 0.5):
@@ -30,13 +29,29 @@ def _wait_for(predicate, timeout: float, interval: float = 0.5):
     return predicate()
 
 
+def _settled(read, quiet_s: float = 3.0, timeout: float = 60.0) -> float:
+    """A metric's value once Ray's exporter has stopped changing it for ``quiet_s``."""
+    value, since, deadline = read(), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        current = read()
+        if current != value:
+            value, since = current, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return value
+    return value
+
+
 def test_concurrent_single_rows_share_model_calls(serve_cluster):
-    """N concurrent one-row requests are answered correctly in fewer than N model calls."""
+    """N concurrent one-row requests are answered correctly in fewer than N model calls.
+
+    ``wine`` is served only for this test (see conftest), so its counters count exactly
+    these requests."""
     n = 48
-    calls, rows = "ray_serve_app_model_calls_total", "ray_serve_app_batch_size_sum"
-    before_calls = serve_cluster.metric_total(calls, model="iris")
-    before_rows = serve_cluster.metric_total(rows, model="iris")
-    X = IRIS[np.arange(n) * 3]
+    calls = lambda: serve_cluster.metric_total("ray_serve_app_model_calls_total", model="wine")
+    batches = lambda: serve_cluster.metric_total("ray_serve_app_batch_size_count", model="wine")
+    before_calls, before_batches = calls(), batches()
+    X = datasets.load_wine().data[np.arange(n) * 3]
 
     with httpx.Client(base_url=serve_cluster.url, timeout=30,
                       limits=httpx.Limits(max_connections=n)) as client:
@@ -44,21 +59,18 @@ def test_concurrent_single_rows_share_model_calls(serve_cluster):
 
         def one(i):
             barrier.wait()
-            return client.post("/v1/models/iris:predict", json={"instances": [X[i].tolist()]})
+            return client.post("/v1/models/wine:predict", json={"instances": [X[i].tolist()]})
 
         with ThreadPoolExecutor(n) as pool:
             responses = list(pool.map(one, range(n)))
 
-    expected = load_runtime(ModelStore(str(serve_cluster.store)), "iris").predict(X).tolist()
+    expected = load_runtime(ModelStore(str(serve_cluster.store)), "wine").predict(X).tolist()
     assert [r.status_code for r in responses] == [200] * n
     assert [r.json()["predictions"][0] for r in responses] == expected
 
-    # Ray exports metrics every second here; wait until all n rows are accounted for.
-    seen_rows = _wait_for(
-        lambda: serve_cluster.metric_total(rows, model="iris") - before_rows >= n, timeout=30)
-    assert seen_rows, "batch-size metric never accounted for the requests"
-    assert serve_cluster.metric_total(rows, model="iris") - before_rows == n
-    model_calls = serve_cluster.metric_total(calls, model="iris") - before_calls
+    assert _wait_for(lambda: calls() > before_calls, timeout=30), "no model call was ever exported"
+    model_calls = _settled(calls) - before_calls
+    assert _settled(batches) - before_batches == model_calls  # one batch-size sample per call
     assert 1 <= model_calls < n, f"{n} requests took {model_calls} model calls: no batching"
 
 
