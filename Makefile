@@ -42,6 +42,7 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not serve"
 
 bench-proxy: $(STAMP)
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python bench/proxy_compare.py
 
 clean:
