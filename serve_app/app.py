@@ -12,7 +12,7 @@ with orjson. Every client mistake is an :class:`InferenceError` and leaves as
 
 
 import logging
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 import orjson
@@ -25,10 +25,11 @@ from starlette.responses import Response
 
 from serve_app import __version__, telemetry
 from serve_app.codecs import v1, v2
-from serve_app.config import AppConfig, ModelSpec
+from serve_app.config import AppConfig
 from serve_app.errors import BadInput, InferenceError, ModelNotFoundError, PayloadTooLarge, UnsupportedMediaType
 from serve_app.metadata import ModelMetadata
 from serve_app.openapi_docs import V1_REQUEST, V2_REQUEST
+from serve_app.runtimes import runtime_for
 from serve_app.store import ModelStore
 from serve_app.worker import DedicatedModel, ModelWorker
 
@@ -81,8 +82,6 @@ class ModelServer:
         self.workers: dict[str, ModelWorker | RemoteWorker] = {}
         for spec in self.config.models:
             if spec.dedicated:
-                from serve_app.runtimes import runtime_for
-
                 meta = store.read_metadata(spec.name, spec.version)
                 accepts = runtime_for(meta.framework).accepts_missing
                 self.workers[spec.name] = RemoteWorker(meta, accepts, dedicated[spec.name])

@@ -90,6 +90,19 @@ def make_test_config(store: Path, port: int) -> dict:
     return config
 
 
+def stop_orphaned_haproxy(port: int) -> None:
+    """Ray 2.60 can leave its HAProxy running after `ray stop`; end the one on ``port``."""
+    import psutil
+
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if "haproxy" in (proc.info["name"] or "") and any(
+                    c.laddr and c.laddr.port == port for c in proc.net_connections("tcp")):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -108,13 +121,17 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
 def serve_cluster(tmp_path_factory) -> ServeCluster:
     work = tmp_path_factory.mktemp("serve")
     store = work / "model_store"
-    http_port, gcs_port, dash_port, metrics_port = (free_port() for _ in range(4))
+    http_port, gcs_port, dash_port, metrics_port, haproxy_stats, haproxy_metrics = (
+        free_port() for _ in range(6))
     config = make_test_config(store, http_port)
     config_path = work / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     # Token auth stays on (Ray's default); clients find the token in ~/.ray/auth_token.
     os.environ["RAY_AUTH_MODE"] = "token"
     env = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_metrics_report_interval_ms": "1000",
+           # HAProxy's own ports too, so the suite runs beside a `make serve`.
+           "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats),
+           "RAY_SERVE_HAPROXY_METRICS_PORT": str(haproxy_metrics),
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
     gcs = f"127.0.0.1:{gcs_port}"
     subprocess.run(
@@ -152,6 +169,7 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
                 os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
+        stop_orphaned_haproxy(http_port)
         log.close()
 
 
