@@ -15,14 +15,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 from sklearn.datasets import load_breast_cancer
+
+from serve_app.localserve import stop_process_group, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -60,16 +60,7 @@ def run_mode(name: str, env_extra: dict, args, script: Path) -> dict:
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = "http://127.0.0.1:8000"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/models/breast-cancer/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise RuntimeError(f"{name}: server never became ready")
+        wait_ready(f"{url}/v2/models/breast-cancer/ready", proc, timeout=180)
         time.sleep(5)  # let every initial replica come up
         target = f"{url}/v1/models/breast-cancer:predict"
         wrk = ["wrk", "-t2", f"-c{args.connections}", "-s", str(script), "--latency"]
@@ -77,11 +68,7 @@ def run_mode(name: str, env_extra: dict, args, script: Path) -> dict:
         out = subprocess.run(wrk + [f"-d{args.duration}s", target], capture_output=True, text=True).stdout
         return {"mode": name, **parse_wrk(out)}
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc, timeout=60)
         subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
         log.close()
 

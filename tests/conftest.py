@@ -9,17 +9,17 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+
+from serve_app.localserve import stop_orphaned_haproxy, stop_process_group, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "serve_config.yaml"
@@ -90,33 +90,6 @@ def make_test_config(store: Path, port: int) -> dict:
     return config
 
 
-def stop_orphaned_haproxy(port: int) -> None:
-    """Ray 2.60 can leave its HAProxy running after `ray stop`; end the one on ``port``."""
-    import psutil
-
-    for proc in psutil.process_iter(["name"]):
-        try:
-            if "haproxy" in (proc.info["name"] or "") and any(
-                    c.laddr and c.laddr.port == port for c in proc.net_connections("tcp")):
-                proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve run exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"Serve did not become ready at {url} within {timeout}s")
-
-
 @pytest.fixture(scope="session")
 def serve_cluster(tmp_path_factory) -> ServeCluster:
     work = tmp_path_factory.mktemp("serve")
@@ -147,7 +120,7 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
     )
     url = f"http://127.0.0.1:{http_port}"
     try:
-        _wait_ready(url, proc)
+        wait_ready(f"{url}/v1/models", proc)
         import ray
 
         ray.init(address=gcs, namespace="serve", log_to_driver=False)
@@ -161,12 +134,7 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
 
         if ray.is_initialized():
             ray.shutdown()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         stop_orphaned_haproxy(http_port)

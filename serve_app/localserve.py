@@ -1,0 +1,53 @@
+"""Running ``serve run`` as a child process and cleaning up after it.
+
+Shared by the live test fixture and the benchmarks, which both start a real local Serve,
+wait for it, and must leave nothing behind for the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import httpx
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Return once ``url`` answers 200; fail early if the server process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve run exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"Serve did not become ready at {url} within {timeout}s")
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Ctrl-C the process group (``serve run`` tears its apps down), then kill it."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def stop_orphaned_haproxy(port: int) -> None:
+    """Ray 2.60 can leave its HAProxy running after `ray stop`; end the one on ``port``."""
+    import psutil
+
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if "haproxy" in (proc.info["name"] or "") and any(
+                    c.laddr and c.laddr.port == port for c in proc.net_connections("tcp")):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
