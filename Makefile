@@ -13,7 +13,7 @@ export RAY_SERVE_ENABLE_HA_PROXY ?= 1
 export RAY_AUTH_MODE ?= token
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv serve stop train test test-unit test-serve bench-proxy clean help
+.PHONY: venv system-tools serve stop train test test-unit test-serve bench-proxy clean help
 
 help:
 	@echo "make serve   - serve the demo models on http://127.0.0.1:8000 (trains them if missing)"
@@ -28,6 +28,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Debian tools the tests drive for real (Prometheus/promtool, image build). Installed only when
+# one is missing, so a laptop that has them is left alone; tests that need one skip without it
+# on a laptop but fail under CI=true, where this target has installed them.
+SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus
+system-tools:
+	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done | sort -u); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing tools (tests that need them will skip): $$missing"; fi; \
+	fi
 
 train: $(STAMP)
 	$(BIN)/python -m serve_app.train --store $(STORE)
@@ -45,7 +58,7 @@ stop:
 	-$(BIN)/ray stop --force
 	-pkill -f '$(HAPROXY_BIN)' 2>/dev/null
 
-test: $(STAMP)
+test: $(STAMP) system-tools
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)
