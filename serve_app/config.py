@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.store import DEFAULT_STORE, check_segment
+
+# Set, it replaces the config's `store`: the one Serve config stays byte-for-byte the same
+# document locally and in the RayService, while each place says where its models live
+# (the image's baked-in store, or s3://bucket/prefix with credentials from a Secret).
+STORE_OVERRIDE_ENV = "SERVE_APP_STORE"
 
 
 class ModelSpec(BaseModel):
@@ -56,6 +61,15 @@ class AppConfig(BaseModel):
         16 * 1024 * 1024, ge=1024, description="request bodies above this get 413"
     )
     models: list[ModelSpec] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _store_from_environment(cls, data):
+        """``SERVE_APP_STORE`` wins over the config's ``store`` (see STORE_OVERRIDE_ENV)."""
+        override = os.environ.get(STORE_OVERRIDE_ENV, "").strip()
+        if override and isinstance(data, dict):
+            return {**data, "store": override}
+        return data
 
     @field_validator("store")
     @classmethod
