@@ -13,7 +13,7 @@ export RAY_SERVE_ENABLE_HA_PROXY ?= 1
 export RAY_AUTH_MODE ?= token
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv system-tools serve stop train test test-unit test-serve bench-proxy clean help
+.PHONY: venv system-tools serve stop train test test-unit test-serve bench-proxy clean help manifests
 
 help:
 	@echo "make serve   - serve the demo models on http://127.0.0.1:8000 (trains them if missing)"
@@ -44,6 +44,11 @@ system-tools:
 
 train: $(STAMP)
 	$(BIN)/python -m serve_app.train --store $(STORE)
+
+# The RayService's generated part (serveConfigV2 = configs/serve_config.yaml, rayVersion, image
+# tag) in cluster/base/generated/; run after changing the config or a version pin.
+manifests: $(STAMP)
+	$(BIN)/serve-app manifests
 
 # Ray 2.60 can leave its HAProxy behind after Ctrl-C/`ray stop`, holding port 8000:
 # `make serve` runs in the foreground, so a HAProxy from this venv at its start is stale.
