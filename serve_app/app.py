@@ -12,6 +12,7 @@ with orjson. Every client mistake is an :class:`InferenceError` and leaves as
 
 
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 import numpy as np
@@ -33,7 +34,8 @@ from serve_app.runtimes import runtime_for
 from serve_app.store import ModelStore
 from serve_app.worker import DedicatedModel, ModelWorker
 
-logger = logging.getLogger("serve_app")
+# Serve's own logger: its records get Serve's JSON encoding and the request id.
+logger = logging.getLogger("ray.serve")
 SERVER_NAME = "serve-app"
 
 
@@ -42,8 +44,9 @@ def json_response(content: Any, status_code: int = 200) -> Response:
                     status_code=status_code, media_type="application/json")
 
 
-def error_response(status_code: int, message: str) -> Response:
-    return json_response({"error": message}, status_code)
+def error_response(status_code: int, message: str, reason: str | None = None) -> Response:
+    body = {"error": message} if reason is None else {"error": message, "reason": reason}
+    return json_response(body, status_code)
 
 
 class RemoteWorker:
@@ -113,18 +116,30 @@ class ModelServer:
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise BadInput(f"malformed JSON: {exc}") from None
+            raise BadInput(f"malformed JSON: {exc}", "malformed_json") from None
 
     async def _handle(self, protocol: str, name: str,
                       work: Callable[[], Awaitable[Any]]) -> Response:
+        """Run one request's ``work``; every outcome is counted, timed and, if bad, logged."""
+        started = time.perf_counter()
+        reason = None
         try:
             response = json_response(await work())
         except InferenceError as exc:
-            response = error_response(exc.status_code, exc.message)
+            reason = exc.reason
+            response = error_response(exc.status_code, exc.message, reason)
+            logger.warning("rejected %s request for model %r: %s (%s)", protocol, name, exc.message, reason,
+                           extra={"model": name, "protocol": protocol, "reason": reason,
+                                  "status_code": exc.status_code})
         except Exception:
-            logger.exception("inference failed for model %s", name)
+            logger.exception("inference failed for model %r", name,
+                             extra={"model": name, "protocol": protocol, "status_code": 500})
             response = error_response(500, "internal error; see server logs")
-        telemetry.request_done(name, protocol, response.status_code)
+        worker = self.workers.get(name)
+        # Only served names become label values: arbitrary URLs must not create metric series.
+        model, version = (name, worker.meta.version) if worker else (telemetry.UNKNOWN_MODEL, "")
+        telemetry.request_done(model, version, protocol, response.status_code,
+                               time.perf_counter() - started, reason)
         return response
 
     # -- KServe V1 ---------------------------------------------------------------------------

@@ -20,6 +20,16 @@ from serve_app.store import DEFAULT_STORE, check_segment
 STORE_OVERRIDE_ENV = "SERVE_APP_STORE"
 
 
+class DriftSpec(BaseModel):
+    """Input-drift monitoring of one model (PSI over a sliding window; see serve_app.drift)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_rows: int = Field(1000, ge=0, description="recent input rows kept per replica; 0 turns drift off")
+    min_rows: int = Field(200, ge=1, description="no PSI is reported before the window holds this many rows")
+    interval_s: float = Field(10.0, gt=0, description="seconds between PSI computations")
+
+
 class ModelSpec(BaseModel):
     """One served model and how its requests are batched."""
 
@@ -34,6 +44,7 @@ class ModelSpec(BaseModel):
     dedicated: bool = Field(
         False, description="serve from a deployment of its own (model-<name>) behind a handle"
     )
+    drift: DriftSpec = Field(default_factory=DriftSpec)
 
     @field_validator("name")
     @classmethod

@@ -1,16 +1,37 @@
-"""Client errors, each carrying the HTTP status it maps to.
+"""Client errors, each carrying the HTTP status it maps to and a short machine-readable reason.
 
 Codecs and the server raise these; the transport turns any of them into
-``{"error": "..."}`` with the status, so bad input is always a 4xx naming the problem.
+``{"error": "...", "reason": "..."}`` with the status, so bad input is always a 4xx naming
+the problem. The reason is also the label of the ``serve_app_input_errors`` metric, so it
+must come from the small fixed vocabulary in :data:`REASONS` (bounded metric cardinality).
 """
+
+REASONS = (
+    "invalid_request",        # the body's structure is wrong (not an object, missing key, ...)
+    "malformed_json",
+    "wrong_shape",            # feature count, ragged rows, shape/data mismatch, no rows
+    "wrong_type",             # strings where numbers are needed, datatype mismatch, overflow
+    "non_finite",             # Infinity
+    "missing_value",          # null/NaN for a model that cannot take missing values
+    "feature_names",          # unknown or missing named features
+    "unknown_output",
+    "model_not_found",
+    "unsupported_media_type",
+    "payload_too_large",
+)
 
 
 class InferenceError(Exception):
     status_code = 400
+    reason = "invalid_request"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)
         self.message = message
+        if reason is not None:
+            if reason not in REASONS:
+                raise ValueError(f"unknown error reason {reason!r}")
+            self.reason = reason
 
 
 class BadInput(InferenceError):
@@ -19,11 +40,14 @@ class BadInput(InferenceError):
 
 class ModelNotFoundError(InferenceError):
     status_code = 404
+    reason = "model_not_found"
 
 
 class UnsupportedMediaType(InferenceError):
     status_code = 415
+    reason = "unsupported_media_type"
 
 
 class PayloadTooLarge(InferenceError):
     status_code = 413
+    reason = "payload_too_large"

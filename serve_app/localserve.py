@@ -51,3 +51,38 @@ def stop_orphaned_haproxy(port: int) -> None:
                 proc.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+
+
+def stop_ray_cluster(temp_dir: str | os.PathLike, timeout: float = 15) -> None:
+    """Stop the local Ray started with ``--temp-dir=temp_dir``, and nothing else.
+
+    ``ray stop`` ends every Ray on the machine; a test or benchmark must not take down a
+    ``make serve`` (or another suite) running beside it. Every process of a Ray cluster
+    (GCS, raylet, dashboard, workers) names its session directory, which lies under the
+    cluster's temp dir, on its command line, or is a child of one that does (workers
+    rename themselves ``ray::...``).
+    """
+    import psutil
+
+    marker = str(temp_dir)
+    mine: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid != os.getpid() and any(marker in arg for arg in proc.info["cmdline"] or ()):
+                mine[proc.pid] = proc
+                mine.update((child.pid, child) for child in proc.children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    mine.pop(os.getpid(), None)
+    mine = list(mine.values())
+    for proc in mine:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(mine, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass

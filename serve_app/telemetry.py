@@ -1,68 +1,204 @@
 """Per-model metrics, exported with Ray's own metrics (``ray.serve.metrics``) on Ray's
-metrics port, next to the built-in ``ray_serve_*`` series.
+metrics port next to the built-in ``ray_serve_*`` series.
 
-Metric objects are created lazily, once per process, so importing this module is free and
-code outside a Ray worker (unit tests, training) can call these functions harmlessly.
+Ray prefixes every name with ``ray_`` and adds ``application``, ``deployment`` and
+``replica`` labels; counters get a ``_total`` suffix. So ``serve_app_requests`` below is
+scraped as ``ray_serve_app_requests_total``. :data:`METRICS` is the catalogue the README's
+"Monitoring" table, the alert rules and the dashboards are written against.
+
+Label values are bounded on purpose (model names that are served, fixed outcome/reason
+vocabularies, class labels of the model): a client sending random model names must not be
+able to create series. Metric objects are created lazily, once per process, so importing this
+module is free, and code outside a Ray worker (unit tests, training) may call these functions.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
 
 from serve_app.metadata import ModelMetadata
 
-logger = logging.getLogger("serve_app")
+logger = logging.getLogger("ray.serve")
 
-LATENCY_BUCKETS_MS = [0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500]
+# Milliseconds resolved at the low end (a single-row tree model takes well under 1 ms).
+LATENCY_BUCKETS_MS = [0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 25, 50, 75, 100, 150, 250, 500,
+                      1000, 2500, 5000, 10000]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+# Regression outputs: 1-2-5 steps from 0.001 to 500,000. Ray only accepts positive bucket
+# boundaries, so values at or below 0.001 (negative ones included) share the first bucket.
+PREDICTION_BUCKETS = [m * 10.0 ** e for e in range(-3, 6) for m in (1, 2, 5)]
+UNKNOWN_MODEL = "(unknown)"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str       # as declared; scraped as ray_<name>[_total]
+    kind: str       # counter | gauge | histogram
+    tags: tuple[str, ...]
+    help: str
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def scraped_name(self) -> str:
+        return f"ray_{self.name}" + ("_total" if self.kind == "counter" else "")
+
+
+METRICS = {m.name: m for m in (
+    Metric("serve_app_requests", "counter", ("model", "version", "protocol", "code", "outcome"),
+           "Inference and model-metadata requests by outcome (ok, client_error, server_error)."),
+    Metric("serve_app_request_latency_ms", "histogram", ("model", "protocol"),
+           "Time from request arrival in the replica to the response, ms (decode, queue, model, encode).",
+           tuple(LATENCY_BUCKETS_MS)),
+    Metric("serve_app_input_errors", "counter", ("model", "protocol", "reason"),
+           "Rejected requests (4xx) by reason; see serve_app.errors.REASONS."),
+    Metric("serve_app_model_calls", "counter", ("model", "version"),
+           "Model invocations (one per batch)."),
+    Metric("serve_app_batch_size", "histogram", ("model", "version"),
+           "Rows per model invocation.", tuple(BATCH_BUCKETS)),
+    Metric("serve_app_model_latency_ms", "histogram", ("model", "version"),
+           "Time inside the model per invocation, ms.", tuple(LATENCY_BUCKETS_MS)),
+    Metric("serve_app_predictions", "counter", ("model", "version", "class"),
+           "Predicted rows by class (classification models)."),
+    Metric("serve_app_prediction_value", "histogram", ("model", "version"),
+           "Predicted values (regression models); values <= 0.001 fall in the first bucket.",
+           tuple(PREDICTION_BUCKETS)),
+    Metric("serve_app_model_info", "gauge", ("model", "version", "framework", "sha256"),
+           "The model a replica has loaded (value 1)."),
+    Metric("serve_app_model_load_seconds", "gauge", ("model", "version"),
+           "Seconds the replica took to fetch, verify and load the model."),
+    Metric("serve_app_feature_drift_psi", "gauge", ("model", "version", "feature"),
+           "Population Stability Index of the recent input window against training, per feature."),
+    Metric("serve_app_drift_window_rows", "gauge", ("model", "version"),
+           "Rows in the replica's drift window."),
+)}
 
 
 @functools.cache
-def _metrics():
-    try:
-        from ray.serve import metrics
-    except ImportError:  # pragma: no cover - ray is a hard dependency
-        return None
-    tags = ("model", "version")
-    return {
-        "calls": metrics.Counter(
-            "serve_app_model_calls", "Model invocations (one per batch).", tag_keys=tags),
-        "batch": metrics.Histogram(
-            "serve_app_batch_size", "Rows per model invocation.", BATCH_BUCKETS, tag_keys=tags),
-        "latency": metrics.Histogram(
-            "serve_app_model_latency_ms", "Time inside the model per invocation, ms.",
-            LATENCY_BUCKETS_MS, tag_keys=tags),
-        "requests": metrics.Counter(
-            "serve_app_requests", "Inference requests by outcome.",
-            tag_keys=("model", "protocol", "code")),
-        "info": metrics.Gauge(
-            "serve_app_model_info", "Loaded model (value 1).",
-            tag_keys=("model", "version", "framework", "sha256")),
-    }
+def _objects():
+    from ray.serve import metrics
+
+    made = {}
+    for m in METRICS.values():
+        if m.kind == "counter":
+            made[m.name] = metrics.Counter(m.name, m.help, tag_keys=m.tags)
+        elif m.kind == "gauge":
+            made[m.name] = metrics.Gauge(m.name, m.help, tag_keys=m.tags)
+        else:
+            made[m.name] = metrics.Histogram(m.name, m.help, list(m.buckets), tag_keys=m.tags)
+    return made
+
+
+_failure_logged = False
 
 
 def _emit(fn) -> None:
+    global _failure_logged
     try:
-        m = _metrics()
-        if m is not None:
-            fn(m)
-    except Exception:  # metrics must never fail a request
-        logger.debug("metric update failed", exc_info=True)
+        fn(_objects())
+    except Exception:  # metrics must never fail a request, but a broken metric must be seen (once)
+        if not _failure_logged:
+            _failure_logged = True
+            logger.exception("metric update failed; later failures are not logged")
 
 
-def model_loaded(meta: ModelMetadata) -> None:
-    _emit(lambda m: m["info"].set(1, tags={"model": meta.name, "version": meta.version,
-                                            "framework": meta.framework, "sha256": meta.sha256}))
+class _GaugeKeeper:
+    """Re-sets every gauge value this process holds, twice per Ray metrics report interval.
+
+    Ray (2.60) exports a gauge sample only for about two report intervals after it was set
+    (a dead worker's series must age out), so a value set once - the loaded model's info
+    and load time, the last PSI of a model without traffic - would vanish from Prometheus
+    seconds later. A daemon thread keeps them alive for as long as the replica is.
+    """
+
+    def __init__(self):
+        self._values: dict[tuple[str, tuple], float] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def set(self, objects: dict, name: str, value: float, tags: dict[str, str]) -> None:
+        with self._lock:
+            self._values[(name, tuple(sorted(tags.items())))] = value
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="serve-app-gauges", daemon=True)
+                self._thread.start()
+        objects[name].set(value, tags=tags)
+
+    def _run(self) -> None:
+        import ray
+
+        period = max(ray._config.metrics_report_interval_ms(), 1000) / 2000.0
+        while True:
+            time.sleep(period)
+            with self._lock:
+                values = list(self._values.items())
+            try:
+                objects = _objects()
+                for (name, tags), value in values:
+                    objects[name].set(value, tags=dict(tags))
+            except Exception:
+                logger.exception("refreshing gauges failed")
 
 
-def model_call(labels: dict, rows: int, seconds: float) -> None:
+_gauges = _GaugeKeeper()
+
+
+def _outcome(code: int) -> str:
+    return "ok" if code < 400 else "client_error" if code < 500 else "server_error"
+
+
+class ModelTelemetry:
+    """The metric updates of one loaded model, with its labels computed once."""
+
+    def __init__(self, meta: ModelMetadata):
+        self.meta = meta
+        self.labels = {"model": meta.name, "version": meta.version}
+
+    def loaded(self, seconds: float) -> None:
+        def update(m):
+            _gauges.set(m, "serve_app_model_info", 1, {**self.labels, "framework": self.meta.framework,
+                                                       "sha256": self.meta.sha256})
+            _gauges.set(m, "serve_app_model_load_seconds", seconds, dict(self.labels))
+        _emit(update)
+
+    def called(self, rows: int, seconds: float, results: Mapping[str, np.ndarray]) -> None:
+        def update(m):
+            m["serve_app_model_calls"].inc(1, tags=self.labels)
+            m["serve_app_batch_size"].observe(rows, tags=self.labels)
+            m["serve_app_model_latency_ms"].observe(seconds * 1000.0, tags=self.labels)
+            if self.meta.is_classifier:
+                labels = results.get("predict")
+                if labels is None:  # probabilities only: count the most likely class
+                    labels = np.asarray(self.meta.classes)[np.argmax(results["predict_proba"], axis=1)]
+                for value, count in zip(*np.unique(labels, return_counts=True)):
+                    m["serve_app_predictions"].inc(int(count), tags={**self.labels, "class": str(value)})
+            elif "predict" in results:
+                histogram = m["serve_app_prediction_value"]
+                for value in np.asarray(results["predict"], dtype=np.float64).reshape(-1):
+                    histogram.observe(float(value), tags=self.labels)
+        _emit(update)
+
+    def drift(self, scores: Mapping[str, float], rows: int) -> None:
+        def update(m):
+            for feature, score in scores.items():
+                _gauges.set(m, "serve_app_feature_drift_psi", score, {**self.labels, "feature": feature})
+            _gauges.set(m, "serve_app_drift_window_rows", rows, dict(self.labels))
+        _emit(update)
+
+
+def request_done(model: str, version: str, protocol: str, code: int, seconds: float,
+                 reason: str | None = None) -> None:
+    """One finished request. ``model`` must be a served model's name or UNKNOWN_MODEL."""
     def update(m):
-        m["calls"].inc(1, tags=labels)
-        m["batch"].observe(rows, tags=labels)
-        m["latency"].observe(seconds * 1000.0, tags=labels)
+        m["serve_app_requests"].inc(1, tags={"model": model, "version": version, "protocol": protocol,
+                                             "code": str(code), "outcome": _outcome(code)})
+        m["serve_app_request_latency_ms"].observe(seconds * 1000.0, tags={"model": model, "protocol": protocol})
+        if reason is not None:
+            m["serve_app_input_errors"].inc(1, tags={"model": model, "protocol": protocol, "reason": reason})
     _emit(update)
-
-
-def request_done(model: str, protocol: str, code: int) -> None:
-    _emit(lambda m: m["requests"].inc(1, tags={"model": model, "protocol": protocol, "code": str(code)}))

@@ -9,16 +9,21 @@ single-row requests share one model call while a large request runs on its own.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Sequence
 
 import numpy as np
 from ray import serve
 
-from serve_app import telemetry
 from serve_app.config import ModelSpec
+from serve_app.drift import DriftMonitor
 from serve_app.runtimes import ModelRuntime, load_runtime
 from serve_app.store import ModelStore
+from serve_app.telemetry import ModelTelemetry
+
+logger = logging.getLogger("ray.serve")
 
 
 def _rows(items: Sequence[tuple[np.ndarray, tuple[str, ...]]]) -> int:
@@ -26,25 +31,31 @@ def _rows(items: Sequence[tuple[np.ndarray, tuple[str, ...]]]) -> int:
 
 
 class ModelWorker:
-    def __init__(self, runtime: ModelRuntime, spec: ModelSpec):
+    def __init__(self, runtime: ModelRuntime, spec: ModelSpec, load_seconds: float = 0.0):
         self.runtime = runtime
         self.meta = runtime.meta
         self.spec = spec
         self.accepts_missing = runtime.accepts_missing
-        self._labels = {"model": self.meta.name, "version": self.meta.version}
+        self.telemetry = ModelTelemetry(self.meta)
+        self.drift = DriftMonitor(self.meta, spec.drift.window_rows, spec.drift.min_rows, spec.drift.interval_s)
         self._batched = serve.batch(
             max_batch_size=spec.max_batch_size,
             batch_wait_timeout_s=spec.batch_wait_timeout_s,
             batch_size_fn=_rows,
         )(self._run_batch)
-        telemetry.model_loaded(self.meta)
+        self.telemetry.loaded(load_seconds)
 
     @classmethod
     def from_store(cls, store: ModelStore, spec: ModelSpec) -> "ModelWorker":
-        return cls(load_runtime(store, spec.name, spec.version), spec)
+        started = time.perf_counter()
+        runtime = load_runtime(store, spec.name, spec.version)
+        return cls(runtime, spec, time.perf_counter() - started)
 
     def reconfigure(self, spec: ModelSpec) -> None:
-        """Apply new batching settings without reloading the model."""
+        """Apply new batching and drift settings without reloading the model."""
+        if spec.drift != self.spec.drift:
+            self.drift = DriftMonitor(self.meta, spec.drift.window_rows, spec.drift.min_rows,
+                                      spec.drift.interval_s)
         self.spec = spec
         self._batched.set_max_batch_size(spec.max_batch_size)
         self._batched.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
@@ -60,7 +71,7 @@ class ModelWorker:
         elif "predict" in outputs:
             pred = np.asarray(self.runtime.predict(X))
             results["predict"] = pred if self.meta.is_classifier else pred.astype(np.float64)
-        telemetry.model_call(self._labels, X.shape[0], time.perf_counter() - started)
+        self.telemetry.called(X.shape[0], time.perf_counter() - started, results)
         return results
 
     async def _run_batch(self, items: list[tuple[np.ndarray, tuple[str, ...]]]) -> list[dict]:
@@ -76,9 +87,27 @@ class ModelWorker:
         return answers
 
     async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        self.drift.observe(X)
+        if self.drift.due():
+            self._start_drift_update()
         if X.shape[0] >= self.spec.max_batch_size:
             return self._compute(X, outputs)  # already a full batch: don't queue it
         return await self._batched((X, outputs))
+
+    def _start_drift_update(self) -> None:
+        """PSI of the current window, computed in a thread: the request does not wait."""
+        window = self.drift.snapshot()
+        self.drift.computing = True
+
+        def run() -> None:
+            try:
+                self.telemetry.drift(self.drift.compute(window), window.shape[0])
+            except Exception:
+                logger.exception("drift computation failed for model %s", self.meta.name)
+            finally:
+                self.drift.computing = False
+
+        asyncio.get_running_loop().run_in_executor(None, run)
 
 
 @serve.deployment(name="DedicatedModel", max_ongoing_requests=64)

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from serve_app.localserve import stop_orphaned_haproxy, stop_process_group, wait_ready
+from serve_app.localserve import stop_orphaned_haproxy, stop_process_group, stop_ray_cluster, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "serve_config.yaml"
@@ -51,6 +52,16 @@ class ServeCluster:
     metrics_url: str
     config: dict
     store: Path
+    ray_temp_dir: Path  # this cluster's own Ray temp dir: its logs and Prometheus file-SD file
+
+    @property
+    def session_dir(self) -> Path:
+        return self.ray_temp_dir / "session_latest"
+
+    @property
+    def prometheus_sd_file(self) -> Path:
+        """The file-SD target list Ray writes for Prometheus (its metrics export ports)."""
+        return self.ray_temp_dir / "prom_metrics_service_discovery.json"
 
     def metric_samples(self, name: str) -> dict[tuple, float]:
         """Current samples of one metric from Ray's metrics export port, by label set."""
@@ -83,6 +94,10 @@ def make_test_config(store: Path, port: int) -> dict:
     app["args"]["models"].append(
         {"name": "wine", "version": "latest", "max_batch_size": 32, "batch_wait_timeout_s": 0.05})
     # The dedicated model scales fast so the autoscaling test sees up- and downscaling.
+    # Drift windows small and fast enough for the drift test to fill and see them.
+    for model in app["args"]["models"]:
+        if model["name"] == "breast-cancer":
+            model["drift"] = {"window_rows": 300, "min_rows": 100, "interval_s": 1}
     diabetes = next(d for d in app["deployments"] if d["name"] == "model-diabetes")
     diabetes["autoscaling_config"].update(
         min_replicas=1, max_replicas=2, target_ongoing_requests=2,
@@ -93,6 +108,9 @@ def make_test_config(store: Path, port: int) -> dict:
 @pytest.fixture(scope="session")
 def serve_cluster(tmp_path_factory) -> ServeCluster:
     work = tmp_path_factory.mktemp("serve")
+    # A private Ray temp dir (short: Ray's socket paths must stay under 107 bytes), so this
+    # cluster's file-SD file and logs are its own even beside another local Ray.
+    ray_temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     store = work / "model_store"
     http_port, gcs_port, dash_port, metrics_port, haproxy_stats, haproxy_metrics = (
         free_port() for _ in range(6))
@@ -109,7 +127,7 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
     gcs = f"127.0.0.1:{gcs_port}"
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=4",
-         f"--dashboard-port={dash_port}", f"--metrics-export-port={metrics_port}",
+         f"--dashboard-port={dash_port}", f"--metrics-export-port={metrics_port}", f"--temp-dir={ray_temp}",
          "--disable-usage-stats"],
         check=True, env=env, cwd=work, stdout=subprocess.DEVNULL,
     )
@@ -124,7 +142,7 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
         import ray
 
         ray.init(address=gcs, namespace="serve", log_to_driver=False)
-        yield ServeCluster(url, gcs, f"http://127.0.0.1:{metrics_port}/metrics", config, store)
+        yield ServeCluster(url, gcs, f"http://127.0.0.1:{metrics_port}/metrics", config, store, ray_temp)
     except BaseException:
         log.flush()
         print((work / "serve_run.log").read_text()[-5000:], file=sys.stderr)
@@ -135,10 +153,10 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
         if ray.is_initialized():
             ray.shutdown()
         stop_process_group(proc)
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        stop_ray_cluster(ray_temp)  # only this cluster: never a `make serve` running beside it
         stop_orphaned_haproxy(http_port)
         log.close()
+        shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,29 @@ CASES = [
 ]
 
 
+# The machine-readable reason each rejection carries (also the serve_app_input_errors label);
+# the last two cases are answered by the web framework before a model is involved.
+REASONS = {
+    "malformed JSON": "malformed_json", "NaN literal (not JSON)": "malformed_json",
+    "Infinity literal (not JSON)": "malformed_json", "number too large for float64": "malformed_json",
+    "wrong content type": "unsupported_media_type", "body not a JSON object": "invalid_request",
+    "wrong feature count (V1)": "wrong_shape", "ragged rows": "wrong_shape",
+    "unknown feature name": "feature_names", "missing feature name": "feature_names",
+    "non-numeric string": "wrong_type", "null for a model without missing-value support": "missing_value",
+    "empty instances": "wrong_shape", "unknown output": "unknown_output",
+    "probabilities of a regressor": "unknown_output", "V2 shape/data mismatch": "wrong_shape",
+    "V2 wrong feature count": "wrong_shape", "V2 unknown datatype": "wrong_type",
+    "V2 data not of its datatype": "wrong_type", "V2 missing inputs": "invalid_request",
+    "unknown model (V1)": "model_not_found", "unknown model (V2)": "model_not_found",
+    "unknown version": "model_not_found", "unknown model metadata": "model_not_found",
+    "unknown path": None, "wrong method": None,
+}
+
+
+def test_every_case_has_a_reason():
+    assert set(REASONS) == {c[0] for c in CASES}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_a_clear_4xx(http, case):
     _, method, path, body, headers, status, fragment = case
@@ -61,6 +84,7 @@ def test_bad_input_is_a_clear_4xx(http, case):
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     assert fragment in response.json()["error"]
+    assert response.json().get("reason") == REASONS[case[0]]
     # ... and the server still serves correct answers right after.
     ok = http.post("/v1/models/iris:predict", json={"instances": [IRIS_ROW]})
     assert ok.status_code == 200 and ok.json() == {"predictions": [0]}

@@ -26,18 +26,18 @@ def as_float_matrix(values: Any, n_features: int, accepts_missing: bool, what: s
     try:
         array = np.asarray(values)
     except ValueError:
-        raise BadInput(f"{what}: rows have different lengths; each needs {n_features} features") from None
+        raise BadInput(f"{what}: rows have different lengths; each needs {n_features} features", "wrong_shape") from None
     if array.dtype.kind == "O":  # nulls, or a mix numpy could not type
         array = numbers_or_null(array, what)
     elif array.dtype.kind not in "iuf":
         kind = {"U": "strings", "S": "strings", "b": "booleans"}.get(array.dtype.kind, str(array.dtype))
-        raise BadInput(f"{what}: values must be numbers, got {kind}")
+        raise BadInput(f"{what}: values must be numbers, got {kind}", "wrong_type")
     array = array.astype(np.float64, copy=False)
     if array.ndim == 1 and array.size == n_features:
         array = array.reshape(1, -1)
     if array.ndim != 2 or array.shape[1] != n_features:
         got = array.shape[1] if array.ndim == 2 else f"shape {list(array.shape)}"
-        raise BadInput(f"{what}: expected {n_features} features per row, got {got}")
+        raise BadInput(f"{what}: expected {n_features} features per row, got {got}", "wrong_shape")
     return check_finite(array, accepts_missing, what)
 
 
@@ -47,7 +47,7 @@ def numbers_or_null(array: np.ndarray, what: str) -> np.ndarray:
     Only this rare path inspects elements one by one: numpy would otherwise turn numeric
     strings into numbers here."""
     if not all(v is None or type(v) in (int, float, bool) for v in array.reshape(-1)):
-        raise BadInput(f"{what}: values must be numbers or null")
+        raise BadInput(f"{what}: values must be numbers or null", "wrong_type")
     return array.astype(np.float64)
 
 
@@ -58,12 +58,12 @@ def jsonable(array: np.ndarray):
 
 def check_finite(array: np.ndarray, accepts_missing: bool, what: str) -> np.ndarray:
     if array.shape[0] == 0:
-        raise BadInput(f"{what}: no rows to predict")
+        raise BadInput(f"{what}: no rows to predict", "wrong_shape")
     if array.dtype.kind == "f":
         if np.isinf(array).any():
-            raise BadInput(f"{what}: non-finite values (Infinity) are not accepted")
+            raise BadInput(f"{what}: non-finite values (Infinity) are not accepted", "non_finite")
         if not accepts_missing and np.isnan(array).any():
-            raise BadInput(f"{what}: missing values (null/NaN) are not accepted by this model")
+            raise BadInput(f"{what}: missing values (null/NaN) are not accepted by this model", "missing_value")
     return array
 
 
@@ -78,14 +78,14 @@ def columns_to_matrix(columns: dict[str, Any], feature_names: Sequence[str], wha
             parts.append(f"unknown features {unknown}")
         if missing:
             parts.append(f"missing features {missing}")
-        raise BadInput(f"{what}: {'; '.join(parts)}; expected {list(feature_names)}")
+        raise BadInput(f"{what}: {'; '.join(parts)}; expected {list(feature_names)}", "feature_names")
     return [columns[f] for f in feature_names]
 
 
 def check_outputs(requested: Sequence[str], is_classifier: bool) -> tuple[str, ...]:
     bad = [o for o in requested if o not in OUTPUTS]
     if bad:
-        raise BadInput(f"unknown output(s) {bad}; available: {list(OUTPUTS)}")
+        raise BadInput(f"unknown output(s) {bad}; available: {list(OUTPUTS)}", "unknown_output")
     if "predict_proba" in requested and not is_classifier:
-        raise BadInput("predict_proba is only available for classification models")
+        raise BadInput("predict_proba is only available for classification models", "unknown_output")
     return tuple(dict.fromkeys(requested))

@@ -25,7 +25,7 @@ def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tup
     if not isinstance(instances, list):
         raise BadInput('"instances" must be a list of rows')
     if not instances:
-        raise BadInput('"instances" is empty: send at least one row')
+        raise BadInput('"instances" is empty: send at least one row', "wrong_shape")
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadInput('"parameters" must be an object')
@@ -39,9 +39,9 @@ def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tup
         try:
             rows = [[row[f] for f in names] for row in instances]
         except KeyError as exc:
-            raise BadInput(f"an instance lacks feature {exc.args[0]!r}") from None
+            raise BadInput(f"an instance lacks feature {exc.args[0]!r}", "feature_names") from None
         if any(len(row) != len(names) for row in instances):
-            raise BadInput(f"an instance has features beyond {names}")
+            raise BadInput(f"an instance has features beyond {names}", "feature_names")
         instances = rows
     X = as_float_matrix(instances, len(meta.features), accepts_missing, '"instances"')
     return X, output

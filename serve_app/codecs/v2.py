@@ -53,7 +53,7 @@ def decode_tensor(tensor: Any, index: int) -> tuple[str, np.ndarray]:
     name, shape, datatype, data = (tensor[k] for k in ("name", "shape", "datatype", "data"))
     if datatype not in DATATYPES:
         raise BadInput(
-            f"{where} ({name}): unsupported datatype {datatype!r}; use one of {sorted(DATATYPES)}"
+            f"{where} ({name}): unsupported datatype {datatype!r}; use one of {sorted(DATATYPES)}", "wrong_type"
         )
     if (not isinstance(shape, list) or not shape
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
@@ -62,21 +62,21 @@ def decode_tensor(tensor: Any, index: int) -> tuple[str, np.ndarray]:
     try:
         values = np.asarray(data)
     except ValueError:
-        raise BadInput(f"{where} ({name}): nested data is ragged") from None
+        raise BadInput(f"{where} ({name}): nested data is ragged", "wrong_shape") from None
     if values.dtype.kind == "O" and "f" in kinds:  # null = missing value
         values = numbers_or_null(values, f"{where} ({name})")
     if values.size and values.dtype.kind not in kinds:
-        raise BadInput(f"{where} ({name}): data does not match datatype {datatype}")
+        raise BadInput(f"{where} ({name}): data does not match datatype {datatype}", "wrong_type")
     if values.size != math.prod(shape):
         raise BadInput(
-            f"{where} ({name}): shape {shape} needs {math.prod(shape)} values, data has {values.size}"
+            f"{where} ({name}): shape {shape} needs {math.prod(shape)} values, data has {values.size}", "wrong_shape"
         )
     try:
         if values.dtype.kind in "iu" and np.dtype(dtype).kind in "iu":
             values = np.asarray(data, dtype=dtype)  # raises on out-of-range integers
         return str(name), values.astype(dtype, copy=False).reshape(shape)
     except OverflowError:
-        raise BadInput(f"{where} ({name}): values out of range for {datatype}") from None
+        raise BadInput(f"{where} ({name}): values out of range for {datatype}", "wrong_type") from None
 
 
 def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tuple[np.ndarray, tuple[str, ...], Any]:
@@ -95,7 +95,7 @@ def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tup
         if X.ndim != 2 or X.shape[1] != n_features:
             raise BadInput(
                 f"input {name!r}: expected shape [N, {n_features}] (features in model order), "
-                f"got {list(X.shape)}"
+                f"got {list(X.shape)}", "wrong_shape"
             )
     else:
         by_name = dict(tensors)
@@ -103,10 +103,10 @@ def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tup
             raise BadInput("input tensor names must be unique")
         columns = columns_to_matrix(by_name, meta.feature_names, "inputs")
         if any(c.ndim > 2 or (c.ndim == 2 and c.shape[1] != 1) for c in columns):
-            raise BadInput("per-feature inputs must have shape [N] or [N, 1]")
+            raise BadInput("per-feature inputs must have shape [N] or [N, 1]", "wrong_shape")
         lengths = {c.shape[0] for c in columns}
         if len(lengths) != 1:
-            raise BadInput(f"per-feature inputs differ in length: {sorted(lengths)}")
+            raise BadInput(f"per-feature inputs differ in length: {sorted(lengths)}", "wrong_shape")
         X = np.column_stack([c.reshape(-1) for c in columns])
     X = check_finite(X.astype(np.float64, copy=False), accepts_missing, "inputs")
     requested = body.get("outputs") or [{"name": "predict"}]

@@ -1,0 +1,56 @@
+"""The alert rules with Prometheus's own tooling: ``promtool check`` and ``promtool test rules``
+(tests/promtool/alerts_test.yml), every alert shown both firing and silent, and the Kubernetes
+PrometheusRule identical to the rule file it is generated from."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from serve_app import prometheus_rule
+from conftest import require_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ROOT / "configs" / "prometheus" / "alerts.yml"
+PROMETHEUS_CONFIG = ROOT / "configs" / "prometheus" / "prometheus.yml"
+UNIT_TESTS = ROOT / "tests" / "promtool" / "alerts_test.yml"
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([require_tool("promtool"), *args], capture_output=True, text=True)
+
+
+def alert_names() -> set[str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return {rule["alert"] for group in groups for rule in group["rules"] if "alert" in rule}
+
+
+def test_rule_file_and_local_config_are_valid():
+    rules = promtool("check", "rules", str(RULES))
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    assert f"SUCCESS: {len(alert_names())} rules found" in rules.stdout
+    config = promtool("check", "config", str(PROMETHEUS_CONFIG))
+    assert config.returncode == 0, config.stdout + config.stderr
+
+
+def test_promtool_unit_tests_pass():
+    result = promtool("test", "rules", str(UNIT_TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_every_alert_is_tested_firing_and_silent():
+    cases = [case for group in yaml.safe_load(UNIT_TESTS.read_text())["tests"]
+             for case in group.get("alert_rule_test", [])]
+    firing = {c["alertname"] for c in cases if c.get("exp_alerts")}
+    silent = {c["alertname"] for c in cases if not c.get("exp_alerts")}
+    assert alert_names() - firing == set(), "alerts never shown firing"
+    assert alert_names() - silent == set(), "alerts never shown silent"
+
+
+def test_prometheus_rule_is_generated_from_the_rule_file():
+    manifest = yaml.safe_load(prometheus_rule.MANIFEST.read_text())
+    assert manifest["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    assert prometheus_rule.main(["--check"]) == 0, "run `make manifests`"

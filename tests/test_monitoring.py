@@ -1,0 +1,286 @@
+"""A real Prometheus (Debian's ``prometheus``) started with the repo's config, discovering the
+live test cluster through the file-SD file Ray writes, and asserted through the PromQL HTTP
+API: Ray's built-in Serve metrics and our per-model metrics arrive with the right labels and
+exact values, drift gauges cross the threshold on shifted data only, every Grafana panel's
+PromQL evaluates, and every alert rule evaluates cleanly on the real series."""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
+
+from conftest import free_port, require_tool
+from serve_app.drift import PSI_ALERT_THRESHOLD
+from serve_app.runtimes import load_runtime
+from serve_app.store import ModelStore
+from serve_app.telemetry import UNKNOWN_MODEL
+
+pytestmark = [pytest.mark.serve, pytest.mark.monitoring]
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMETHEUS_CONFIG = ROOT / "configs" / "prometheus" / "prometheus.yml"
+DASHBOARDS = sorted((ROOT / "cluster" / "monitoring" / "dashboards").glob("*.json"))
+ALERTS = ROOT / "configs" / "prometheus" / "alerts.yml"
+
+
+class Prometheus:
+    def __init__(self, url: str):
+        self.url = url
+
+    def query(self, expr: str) -> list[dict]:
+        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = response.json()
+        assert body["status"] == "success", f"{expr}: {body}"
+        return body["data"]["result"]
+
+    def value(self, expr: str) -> float:
+        """A scalar-like query's value; 0 when it has no series (a counter never incremented)."""
+        result = self.query(expr)
+        assert len(result) <= 1, f"{expr} gave {len(result)} series"
+        return float(result[0]["value"][1]) if result else 0.0
+
+    def wait_for(self, expr: str, predicate, timeout: float = 120, what: str = "") -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.query(expr)
+            if predicate(result):
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what or expr}: condition not met within {timeout}s; last {result}")
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def prometheus(serve_cluster, tmp_path_factory) -> Prometheus:
+    binary = require_tool("prometheus")
+    work = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    # The shipped config, pointed at this cluster's file-SD file, scraping every second.
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(ALERTS)]
+    (job,) = config["scrape_configs"]
+    job["file_sd_configs"] = [{"files": [str(serve_cluster.prometheus_sd_file)]}]
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = open(work / "prometheus.log", "w")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (work / "prometheus.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "prometheus did not become ready"
+            time.sleep(0.5)
+        yield Prometheus(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def metrics_port(serve_cluster) -> str:
+    return serve_cluster.metrics_url.split(":")[2].split("/")[0]
+
+
+def test_ray_targets_discovered_through_file_sd(prometheus, serve_cluster):
+    port = metrics_port(serve_cluster)
+    targets = prometheus.wait_for(
+        'up{job="ray"}', lambda r: any(t["metric"]["instance"].endswith(f":{port}") and t["value"][1] == "1"
+                                       for t in r), what="Ray's metrics export port scraped")
+    instances = {t["metric"]["instance"] for t in targets}
+    assert not any(i.endswith(":44217") for i in instances), "the local autoscaler port is dropped"
+
+
+def test_builtin_serve_metrics_present(prometheus, http):
+    http.post("/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
+    status = prometheus.wait_for(
+        'ray_serve_deployment_status{application="models"}',
+        lambda r: {s["metric"]["deployment"] for s in r} >= {"ModelServer", "model-diabetes"})
+    assert all(s["value"][1] == "6" for s in status), "both deployments HEALTHY"
+    prometheus.wait_for('ray_serve_num_http_requests_total{application="models",status_code="200"}',
+                        lambda r: r and float(r[0]["value"][1]) > 0)
+    replicas = prometheus.query('ray_serve_autoscaling_target_replicas{application="models"}')
+    assert {s["metric"]["deployment"] for s in replicas} == {"ModelServer", "model-diabetes"}
+
+
+def settled(prometheus: Prometheus, serve_cluster, name: str, quiet_s: float = 4, **labels: str) -> float:
+    """The counter's value once Prometheus agrees with Ray's export port and neither has
+    changed for ``quiet_s`` (longer than Ray's 1 s report interval plus a scrape): nothing
+    sent earlier is still on its way."""
+    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    deadline = time.monotonic() + 90
+    last, since = None, time.monotonic()
+    while True:
+        direct = serve_cluster.metric_total(name, **labels)
+        seen = prometheus.value(f"sum({name}{{{selector}}})")
+        if seen != direct or seen != last:
+            last, since = (seen if seen == direct else None), time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return seen
+        assert time.monotonic() < deadline, f"{name}{labels}: prometheus {seen} vs ray {direct}"
+        time.sleep(0.5)
+
+
+def wait_increase(prometheus: Prometheus, name: str, before: float, expected: float, **labels: str) -> None:
+    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    expr = f"sum({name}{{{selector}}})"
+    prometheus.wait_for(expr, lambda r: (float(r[0]["value"][1]) if r else 0.0) - before == expected,
+                        what=f"{expr} to grow by {expected} from {before}")
+
+
+def test_per_model_metrics_count_exactly_what_was_sent(prometheus, serve_cluster, http):
+    store = ModelStore(str(serve_cluster.store))
+    iris = load_runtime(store, "iris", "latest")
+    version = iris.meta.version
+    X = load_iris().data
+    counters = {
+        "ok": ("ray_serve_app_requests_total",
+               dict(model="iris", version=version, protocol="v1", code="200", outcome="ok")),
+        "bad": ("ray_serve_app_requests_total",
+                dict(model="iris", version=version, protocol="v1", code="400", outcome="client_error")),
+        "reason": ("ray_serve_app_input_errors_total", dict(model="iris", protocol="v1", reason="malformed_json")),
+        "unknown": ("ray_serve_app_requests_total", dict(model=UNKNOWN_MODEL, protocol="v1", code="404")),
+        "latency": ("ray_serve_app_request_latency_ms_count", dict(model="iris", protocol="v1")),
+        "diabetes_values": ("ray_serve_app_prediction_value_count", dict(model="diabetes")),
+    }
+    classes = [str(c) for c in iris.meta.classes]
+    for c in classes:
+        counters[f"class {c}"] = ("ray_serve_app_predictions_total", {"model": "iris", "class": c})
+    # The first counter waits out a quiet period; after it, nothing is in flight for the rest.
+    before = {key: settled(prometheus, serve_cluster, name, quiet_s=4 if i == 0 else 0, **labels)
+              for i, (key, (name, labels)) in enumerate(counters.items())}
+
+    for _ in range(5):
+        assert http.post("/v1/models/iris:predict", json={"instances": X.tolist()}).status_code == 200
+    for _ in range(4):
+        response = http.post("/v1/models/iris:predict", content=b'{"instances": [[1,',
+                             headers={"content-type": "application/json"})
+        assert response.status_code == 400
+    for _ in range(2):
+        assert http.post("/v1/models/tulip:predict", json={"instances": [[1, 2, 3, 4]]}).status_code == 404
+    diabetes_rows = load_diabetes().data[:10].tolist()
+    for _ in range(3):
+        body = {"inputs": [{"name": "x", "shape": [10, 10], "datatype": "FP64", "data": diabetes_rows}]}
+        assert http.post("/v2/models/diabetes/infer", json=body).status_code == 200
+
+    predicted = collections.Counter(str(c) for c in iris.predict(X))
+    expected = {"ok": 5, "bad": 4, "reason": 4, "unknown": 2, "latency": 9, "diabetes_values": 30,
+                **{f"class {c}": 5 * predicted.get(c, 0) for c in classes}}
+    for key, (name, labels) in counters.items():
+        wait_increase(prometheus, name, before[key], expected[key], **labels)
+    assert prometheus.query('ray_serve_app_requests_total{model="tulip"}') == [], \
+        "unknown model names must not become label values"
+
+    # Labels Ray adds, and the loaded-model gauges.
+    info = prometheus.query(f'ray_serve_app_model_info{{model="iris",sha256="{iris.meta.sha256}"}}')
+    assert info and all(s["value"][1] == "1" for s in info)
+    assert {"application", "deployment", "replica", "framework", "version"} <= set(info[0]["metric"])
+    assert info[0]["metric"]["framework"] == iris.meta.framework
+    assert prometheus.value('min(ray_serve_app_model_load_seconds{model="iris"})') > 0
+    # Millisecond resolution: the lowest latency bucket boundary is below 1 ms.
+    buckets = {s["metric"]["le"] for s in prometheus.query(
+        'ray_serve_app_request_latency_ms_bucket{model="iris",protocol="v1"}')}
+    assert min(float(b) for b in buckets) < 1
+
+
+def drift_scores(prometheus: Prometheus) -> dict[tuple[str, str], float]:
+    return {(s["metric"]["replica"], s["metric"]["feature"]): float(s["value"][1])
+            for s in prometheus.query('ray_serve_app_feature_drift_psi{model="breast-cancer"}')}
+
+
+def feed_until(prometheus: Prometheus, http, rows: np.ndarray, done, what: str, timeout: float = 120) -> dict:
+    """Send ``rows`` (one request) again and again until the replicas' drift gauges satisfy
+    ``done``: every replica's window then holds only these rows, recomputed at least once."""
+    body = {"instances": rows.tolist()}
+    deadline = time.monotonic() + timeout
+    while True:
+        assert http.post("/v1/models/breast-cancer:predict", json=body).status_code == 200
+        windows = prometheus.query('ray_serve_app_drift_window_rows{model="breast-cancer"}')
+        scores = drift_scores(prometheus)
+        if windows and all(s["value"][1] == str(len(rows)) for s in windows) and scores and done(scores):
+            return scores
+        assert time.monotonic() < deadline, f"{what}: last scores {scores}"
+        time.sleep(0.3)
+
+
+def test_drift_gauge_crosses_threshold_only_for_shifted_inputs(prometheus, serve_cluster, http):
+    (spec,) = [m for m in serve_cluster.config["applications"][0]["args"]["models"] if m["name"] == "breast-cancer"]
+    window = spec["drift"]["window_rows"]
+    data = load_breast_cancer().data
+    rng = np.random.default_rng(7)
+    in_distribution = data[rng.choice(len(data), size=window, replace=False)]
+    names = load_runtime(ModelStore(str(serve_cluster.store)), "breast-cancer", "latest").meta.feature_names
+    shifted_feature = names.index("mean_radius")
+
+    calm = feed_until(prometheus, http, in_distribution,
+                      lambda s: len({f for _, f in s}) == len(names), "in-distribution PSI reported")
+    calm = feed_until(prometheus, http, in_distribution,
+                      lambda s: max(s.values()) < PSI_ALERT_THRESHOLD, "in-distribution PSI below threshold")
+    assert max(calm.values()) < PSI_ALERT_THRESHOLD
+
+    shifted = in_distribution.copy()
+    shifted[:, shifted_feature] += 2 * data[:, shifted_feature].std()
+    drifted = feed_until(
+        prometheus, http, shifted,
+        lambda s: all(v > PSI_ALERT_THRESHOLD for (_, f), v in s.items() if f == "mean_radius"),
+        "shifted feature's PSI above threshold")
+    others = [v for (_, f), v in drifted.items() if f != "mean_radius"]
+    assert max(others) < PSI_ALERT_THRESHOLD, "only the shifted feature drifts"
+
+
+def panel_queries(dashboard: dict) -> list[tuple[str, list[str]]]:
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    return [(p["title"], [t["expr"] for t in p["targets"]]) for p in panels]
+
+
+def as_promql(expr: str) -> str:
+    """Grafana's template variables as a plain Prometheus query would have them."""
+    return expr.replace("$__rate_interval", "1m").replace('=~"$model"', '=~".*"')
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=[p.name for p in DASHBOARDS])
+def test_every_dashboard_panel_evaluates_with_data(prometheus, http, path):
+    dashboard = json.loads(path.read_text())
+    http.post("/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
+    empty = []
+    for title, exprs in panel_queries(dashboard):
+        assert exprs, f"panel {title!r} has no query"
+        results = []
+        for expr in exprs:
+            assert "$" not in as_promql(expr), f"unhandled template variable in {expr}"
+            results.extend(prometheus.query(as_promql(expr)))  # asserts status success
+        if not results:
+            empty.append(title)
+    # The earlier tests drove every kind of traffic, so every panel has something to draw.
+    assert empty == [], f"panels without data: {empty}"
+
+
+def test_alert_rules_evaluate_on_real_series(prometheus):
+    time.sleep(3)  # at least two evaluation rounds after the drift test
+    groups = httpx.get(f"{prometheus.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    rules = {r["name"]: r for g in groups for r in g["rules"]}
+    expected = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    assert set(rules) == expected
+    assert all(r["health"] == "ok" for r in rules.values()), {n: r.get("lastError") for n, r in rules.items()}
+    # The drift alert matches the real gauge's labels: pending for the shifted feature.
+    drift = rules["ServeAppFeatureDrift"]["alerts"]
+    assert {a["labels"]["feature"] for a in drift} == {"mean_radius"}
+    assert all(a["labels"]["model"] == "breast-cancer" for a in drift)
+    assert rules["ServeDeploymentUnhealthy"]["alerts"] == []
+    assert rules["ServeMetricsAbsent"]["alerts"] == []
