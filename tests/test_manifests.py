@@ -435,3 +435,43 @@ def test_s3_component_points_every_ray_container_at_the_bucket():
     # Read by kustomize only: the bucket address is not applied as a ConfigMap.
     assert not any(o["kind"] == "ConfigMap" and o["metadata"]["name"] == "serve-app-model-store"
                    for o in rendered("prod+ingress+s3-models"))
+
+
+# -- README "Deploy to Kubernetes" names what the manifests have ---------------------------------
+def _readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Deploy to Kubernetes")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def test_readme_paths_exist():
+    paths = set(re.findall(r"(?<![\w/.])((?:cluster|\.\./\.\.)/[\w./-]*[\w-])", _readme_section()))
+    assert paths
+    missing = [p for p in paths if not (CLUSTER / p.removeprefix("../../")).exists()
+               and not (ROOT / p).exists()]
+    assert not missing
+
+
+def test_readme_secrets_and_services_are_the_manifests_ones():
+    section = _readme_section()
+    objects = [*rendered("prod"), *rendered("prod+ingress+s3-models")]
+    text = yaml.safe_dump_all(objects)
+    created = dict(re.findall(r"create secret generic ([\w-]+) \\\s*\n\s*--from-literal=(\w+)=", section))
+    assert created == {"serve-app-ray-token": "auth_token", "serve-app-redis": "password",
+                       "serve-app-s3": "AWS_ACCESS_KEY_ID"}
+    cluster = rayservice("prod")["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"]["secretName"] == "serve-app-ray-token"  # KubeRay reads key auth_token
+    assert cluster["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"]["key"] == "password"
+    assert "name: serve-app-s3" in text
+    namespaces = {o["metadata"].get("namespace") for o in objects}
+    assert namespaces == {"serve-app"} and "kubectl create namespace serve-app" in section
+    # KubeRay names the Services after the RayService; port-forwards use their ports.
+    name = rayservice("prod")["metadata"]["name"]
+    head_ports = {p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    forwards = re.findall(r"port-forward svc/([\w-]+) (\d+):(\d+)", section)
+    for service, _, port in forwards:
+        if service.startswith(name):
+            assert service in (f"{name}-serve-svc", f"{name}-head-svc") and int(port) in head_ports
+    assert {s for s, _, _ in forwards} >= {f"{name}-serve-svc", f"{name}-head-svc"}
+    assert f"kubectl apply --server-side -k cluster/overlays/dev" in section
