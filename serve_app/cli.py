@@ -14,7 +14,7 @@ from pathlib import Path
 def _add_manifests(subparsers) -> None:
     parser = subparsers.add_parser(
         "manifests",
-        help="generate cluster/base/generated/ (serveConfigV2, rayVersion, image tag)",
+        help="generate cluster/base/generated/ (serveConfigV2, rayVersion, image tag) and the PrometheusRule",
         description="Write the RayService's generated fields from configs/serve_config.yaml and "
                     "the version pins in pyproject.toml; with --check, only report drift.")
     parser.add_argument("--check", action="store_true",

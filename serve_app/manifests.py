@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from serve_app import prometheus_rule
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = Path("configs/serve_config.yaml")
 GENERATED_DIR = Path("cluster/base/generated")
@@ -108,6 +110,7 @@ def generated_files(root: Path = ROOT) -> dict[Path, str]:
     return {
         GENERATED_DIR / "kustomization.yaml": component(pins),
         GENERATED_DIR / "rayservice.yaml": rayservice_patch(serve_config, pins),
+        prometheus_rule.MANIFEST: prometheus_rule.render(root),
     }
 
 

@@ -112,8 +112,8 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
     # cluster's file-SD file and logs are its own even beside another local Ray.
     ray_temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     store = work / "model_store"
-    http_port, gcs_port, dash_port, metrics_port, haproxy_stats, haproxy_metrics = (
-        free_port() for _ in range(6))
+    (http_port, gcs_port, dash_port, metrics_port, haproxy_stats, haproxy_metrics,
+     fallback_http, fallback_grpc) = (free_port() for _ in range(8))
     config = make_test_config(store, http_port)
     config_path = work / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -123,6 +123,9 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
            # HAProxy's own ports too, so the suite runs beside a `make serve`.
            "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats),
            "RAY_SERVE_HAPROXY_METRICS_PORT": str(haproxy_metrics),
+           # ...and Serve's fallback proxy behind HAProxy (default 8500/9500).
+           "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
+           "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
     gcs = f"127.0.0.1:{gcs_port}"
     subprocess.run(
