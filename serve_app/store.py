@@ -19,7 +19,9 @@ from typing import Protocol
 
 from serve_app.metadata import METADATA_FILE, ModelMetadata
 
-DEFAULT_STORE = os.environ.get("SERVE_APP_MODEL_STORE", "./model_store")
+# One variable names the store everywhere: the CLI's default here, and (serve_app.config) an
+# override of the Serve config's `store`, so a deployment points config and CLI at one place.
+DEFAULT_STORE = os.environ.get("SERVE_APP_STORE", "./model_store")
 _VALID_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
