@@ -1,0 +1,68 @@
+# syntax=docker/dockerfile:1
+# The serve-app image: the demo models baked in, `serve run` on configs/serve_config.yaml as
+# CMD, and ready for KubeRay, whose pods run `ray start` in it with their own command.
+#
+#   make image        # = docker build -t ghcr.io/serve-app/serve-app:0.1.0-ray2.60.0 .
+#
+# Behind a TLS-intercepting proxy, hand pip its CA as a build secret (never stored in a layer):
+#   docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt ...
+# README "Container" has the details; tests/test_image.py builds, runs and queries this file.
+
+# Any Debian bookworm with Python 3.11 (python3, python3-venv) fits. The official slim image
+# is the default: a third of the size of rayproject/ray, and Ray comes from the lock anyway.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# ---- deps: the locked runtime dependencies in a virtualenv; rebuilt only when the lock changes.
+FROM ${BASE_IMAGE} AS deps
+COPY requirements/lock.txt /tmp/lock.txt
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --require-hashes \
+      -r /tmp/lock.txt
+
+# ---- build: the project's wheel, and the demo models trained into the store.
+FROM deps AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY serve_app ./serve_app
+RUN /opt/venv/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps \
+      --no-build-isolation --wheel-dir /dist . \
+ && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps --no-index \
+      /dist/*.whl
+WORKDIR /home/ray/app
+COPY configs ./configs
+RUN /opt/venv/bin/python -m serve_app.train --store model_store
+
+# ---- the image: no compilers, caches, wheels or secrets; runs as uid 1000 (as rayproject's).
+FROM ${BASE_IMAGE}
+LABEL org.opencontainers.image.title="serve-app" \
+      org.opencontainers.image.description="scikit-learn and XGBoost models on Ray Serve (KServe V1, Open Inference Protocol V2)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# wget and bash: KubeRay's readiness/liveness probes run `bash -c "wget ..."`.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends wget \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --uid 1000 --gid 100 --create-home --home-dir /home/ray --shell /bin/bash ray
+# The venv's bin first on PATH: a login-less bash (KubeRay's `ray start`) finds ray and serve.
+ENV PATH=/opt/venv/bin:$PATH \
+    VIRTUAL_ENV=/opt/venv \
+    HOME=/home/ray \
+    PYTHONUNBUFFERED=1 \
+    RAY_SERVE_ENABLE_HA_PROXY=1 \
+    RAY_USAGE_STATS_ENABLED=0
+COPY --from=deps /opt/venv /opt/venv
+# A COPY, not a bind mount from the build stage: buildah would reuse a cached RUN after the
+# wheel changed. The project's own layers come after the dependencies' (cache-friendly).
+COPY --from=build /dist /tmp/dist
+RUN pip install --no-cache-dir --disable-pip-version-check --no-deps --no-index /tmp/dist/*.whl \
+ && rm -r /tmp/dist
+COPY --from=build --chown=1000:100 /home/ray/app /home/ray/app
+USER 1000:100
+WORKDIR /home/ray/app
+# Serve HTTP, Ray dashboard, Ray metrics (each movable: serve_app/container.py).
+EXPOSE 8000 8265 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["sh", "-c", "wget -q -O /dev/null http://127.0.0.1:${SERVE_PORT:-8000}/-/healthz || exit 1"]
+CMD ["python", "-m", "serve_app.container"]
