@@ -85,10 +85,23 @@ def _score(task: str, y_true, y_pred) -> dict[str, float]:
     }
 
 
-def train_model(
-    name: str, store: ModelStore, version: str = "1", seed: int = 0, **params: Any
-) -> ModelMetadata:
-    """Fit demo model ``name`` (estimator overrides in ``params``) and save it as ``version``."""
+@dataclass(frozen=True)
+class DatasetSplit:
+    """A demo model's bundled dataset, split into training rows and held-out test rows."""
+
+    X_train: np.ndarray
+    X_test: np.ndarray
+    y_train: np.ndarray
+    y_test: np.ndarray
+    feature_names: list[str]
+
+
+def dataset_split(name: str, seed: int = 0) -> DatasetSplit:
+    """The split :func:`train_model` fits and scores demo model ``name`` on, for ``seed``.
+
+    Public so that a notebook or test can query a served model with exactly the held-out
+    rows its recorded metrics were computed on, and compare served predictions with truth.
+    """
     spec = DEMO_MODELS[name]
     data = spec.loader()
     X = np.asarray(data.data, dtype=np.float64)
@@ -98,6 +111,17 @@ def train_model(
         X, y, test_size=0.25, random_state=seed,
         stratify=y if spec.task == "classification" else None,
     )
+    return DatasetSplit(X_train, X_test, y_train, y_test, feature_names)
+
+
+def train_model(
+    name: str, store: ModelStore, version: str = "1", seed: int = 0, **params: Any
+) -> ModelMetadata:
+    """Fit demo model ``name`` (estimator overrides in ``params``) and save it as ``version``."""
+    spec = DEMO_MODELS[name]
+    split = dataset_split(name, seed)
+    X_train, X_test, y_train, y_test = split.X_train, split.X_test, split.y_train, split.y_test
+    feature_names = split.feature_names
     estimator = spec.make_estimator(**params).fit(X_train, y_train)
     runtime_cls = runtime_for(spec.framework)
     metadata = ModelMetadata(
@@ -106,7 +130,7 @@ def train_model(
         framework=spec.framework,
         task=spec.task,
         features=[Feature(f, "float64") for f in feature_names],
-        classes=np.unique(y).tolist() if spec.task == "classification" else None,
+        classes=np.unique(np.concatenate([y_train, y_test])).tolist() if spec.task == "classification" else None,
         artifact=runtime_cls.artifact_name,
         sha256="",
         description=spec.description,
