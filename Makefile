@@ -13,7 +13,7 @@ export RAY_SERVE_ENABLE_HA_PROXY ?= 1
 export RAY_AUTH_MODE ?= token
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv system-tools serve stop train test test-unit test-serve bench-proxy clean help manifests
+.PHONY: venv system-tools serve stop train test test-unit test-serve bench-proxy clean help lock image manifests
 
 help:
 	@echo "make serve   - serve the demo models on http://127.0.0.1:8000 (trains them if missing)"
@@ -32,7 +32,8 @@ venv: $(STAMP)
 # Debian tools the tests drive for real (Prometheus/promtool, image build). Installed only when
 # one is missing, so a laptop that has them is left alone; tests that need one skip without it
 # on a laptop but fail under CI=true, where this target has installed them.
-SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus
+SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus \
+                buildah:buildah podman:podman debootstrap:debootstrap
 system-tools:
 	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done | sort -u); \
 	if [ -n "$$missing" ]; then \
@@ -67,11 +68,35 @@ test: $(STAMP) system-tools
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -m "not serve"
+	$(BIN)/python -m pytest -m "not serve and not image"
 
 bench-proxy: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python bench/proxy_compare.py
+
+# The image's pinned, hash-checked dependencies (and the build backend): regenerate after
+# editing pyproject.toml's dependencies. uv resolves against PyPI, for every platform.
+LOCK := requirements/lock.txt
+lock: $(STAMP)
+	$(BIN)/pip install --quiet 'uv==0.13.8'
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+	  | $(BIN)/uv pip compile --quiet pyproject.toml - --generate-hashes --universal --fork-strategy fewest \
+	      --python-version 3.11 --custom-compile-command 'make lock' -o $(LOCK)
+
+# The container image (README "Container"), tagged <version>-ray<Ray pin>, with docker or podman.
+# Behind a TLS-intercepting proxy, CA_BUNDLE (default: pip's own PIP_CERT) reaches pip as a
+# build secret, never a layer. IMAGE_FLAGS adds build options (e.g. --build-arg BASE_IMAGE=...).
+VERSION     := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+RAY_VERSION := $(shell sed -n 's/.*"ray\[serve\]==\([^"]*\)".*/\1/p' pyproject.toml)
+IMAGE       ?= ghcr.io/serve-app/serve-app:$(VERSION)-ray$(RAY_VERSION)
+CONTAINER_TOOL ?= $(shell command -v docker || command -v podman || echo docker)
+CA_BUNDLE   ?= $(PIP_CERT)
+IMAGE_FLAGS ?=
+comma := ,
+image:
+	$(CONTAINER_TOOL) build -t $(IMAGE) \
+	  $(if $(filter podman buildah,$(notdir $(CONTAINER_TOOL))),--format docker) \
+	  $(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE)) $(IMAGE_FLAGS) .
 
 clean:
 	rm -rf $(VENV) model_store .pytest_cache
