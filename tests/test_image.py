@@ -1,0 +1,294 @@
+"""The container image, built with ``make image`` and run for real (marker ``image``).
+
+No Docker engine or registry is needed: a Debian bookworm + Python 3.11 base is made with
+debootstrap (kept as a local image, tagged by its recipe, so later runs reuse it) and passed
+as BASE_IMAGE to ``make image`` driving buildah. The image then runs its own CMD (read from
+the image config) under ``buildah run`` on the host network with every port moved to a free
+one, answers V1 and V2 requests and its HEALTHCHECK, and stops on SIGTERM as it would under
+``docker stop``, leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import tomllib
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from conftest import ROOT, free_port, require_tool
+from serve_app.localserve import wait_ready
+
+TEST_IMAGE = "localhost/serve-app-test:latest"
+# The base, as the official python:3.11-slim-bookworm is: Debian 12, Python 3.11, venv, CAs.
+DEBOOTSTRAP_ARGS = ["--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+                    "bookworm"]
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+BASE_IMAGE = ("localhost/serve-app-test-base:bookworm-py311-"
+              + hashlib.sha256(" ".join(DEBOOTSTRAP_ARGS).encode()).hexdigest()[:12])
+# The CA bundle pip needs behind this machine's TLS-intercepting proxy (a build secret).
+CA_BUNDLE = os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt"
+
+IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]  # a setosa (0), a virginica (2)
+MALIGNANT = [17.99, 10.38, 122.8, 1001.0, 0.1184, 0.2776, 0.3001, 0.1471, 0.2419, 0.07871,
+             1.095, 0.9053, 8.589, 153.4, 0.006399, 0.04904, 0.05373, 0.01587, 0.03003,
+             0.006193, 25.38, 17.33, 184.6, 2019.0, 0.1622, 0.6656, 0.7119, 0.2654, 0.4601,
+             0.1189]  # sample 0 of scikit-learn's breast-cancer set: malignant (0)
+
+
+def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kwargs)
+
+
+def image_exists(buildah: str, ref: str) -> bool:
+    return subprocess.run([buildah, "inspect", "--type", "image", ref],
+                          capture_output=True).returncode == 0
+
+
+def mounts_under(path: Path) -> list[str]:
+    root = str(path.resolve())
+    return [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[1].startswith(root)]
+
+
+@pytest.fixture(scope="session")
+def base_image(tmp_path_factory) -> str:
+    """A bookworm + Python 3.11 base image, built once per recipe and reused after that."""
+    buildah = require_tool("buildah")
+    if image_exists(buildah, BASE_IMAGE):
+        return BASE_IMAGE
+    debootstrap, podman = require_tool("debootstrap"), require_tool("podman")
+    rootfs = tmp_path_factory.mktemp("base") / "rootfs"
+    run(debootstrap, *DEBOOTSTRAP_ARGS, str(rootfs), DEBIAN_MIRROR)
+    # As in the official images: no package caches or lists (the Dockerfile runs apt-get update).
+    for leftover in [*rootfs.glob("var/cache/apt/archives/*.deb"),
+                     *rootfs.glob("var/lib/apt/lists/*")]:
+        if leftover.is_file():
+            leftover.unlink()
+    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+    run(podman, "import", "-", BASE_IMAGE, stdin=tar.stdout)
+    assert tar.wait() == 0
+    if not mounts_under(rootfs):  # never delete through a /proc or /dev left mounted inside
+        run("rm", "-rf", "--one-file-system", str(rootfs))
+    return BASE_IMAGE
+
+
+@pytest.fixture(scope="session")
+def image(base_image, tmp_path_factory) -> dict:
+    """``make image`` with buildah on the debootstrap base; the built image's config."""
+    buildah = require_tool("buildah")
+    log = tmp_path_factory.mktemp("image") / "build.log"
+    flags = f"--layers --isolation chroot --network host --build-arg BASE_IMAGE={base_image}"
+    with open(log, "w") as out:
+        build = subprocess.run(
+            ["make", "--no-print-directory", "image", f"IMAGE={TEST_IMAGE}",
+             f"CONTAINER_TOOL={buildah}", f"CA_BUNDLE={CA_BUNDLE}", f"IMAGE_FLAGS={flags}"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    assert build.returncode == 0, log.read_text()[-5000:]
+    inspect = json.loads(run(buildah, "inspect", "--type", "image", TEST_IMAGE).stdout)
+    return inspect["Docker"]["config"]
+
+
+@pytest.fixture(scope="module")
+def container(image):
+    """A working container of the image: its name and its root filesystem, mounted."""
+    buildah = require_tool("buildah")
+    name = f"serve-app-test-{os.getpid()}"
+    # Docker gives containers ~1M open files; Ray's HAProxy asks for ~10k. 64 MiB of /dev/shm
+    # (the default) is too small for Ray's object store.
+    nofile = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 1 << 20)
+    run(buildah, "from", "--name", name, f"--ulimit=nofile={nofile}:{nofile}",
+        "--shm-size=1g", TEST_IMAGE)
+    try:
+        yield name, Path(run(buildah, "mount", name).stdout.strip())
+    finally:
+        subprocess.run([buildah, "rm", name], capture_output=True)
+
+
+def in_container(name: str, command: str, env: dict[str, str] | None = None) -> str:
+    """Output of ``bash -c command`` in the container, as a KubeRay probe runs it (no login)."""
+    flags = [f"--env={k}={v}" for k, v in (env or {}).items()]
+    return run("buildah", "run", "--isolation", "chroot", "--network", "host", *flags, name,
+               "--", "bash", "-c", command).stdout
+
+
+def test_dockerfile_lint_clean():
+    hadolint = ROOT / ".venv" / "bin" / "hadolint"
+    path = str(hadolint) if hadolint.exists() else require_tool("hadolint")
+    result = subprocess.run([path, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_make_image_tags_version_and_ray_pin():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ray_pin = next(re.sub(r"^ray\[serve\]==", "", d) for d in project["dependencies"]
+                   if d.startswith("ray[serve]=="))
+    dry_run = run("make", "--no-print-directory", "-n", "image", cwd=ROOT).stdout
+    assert f"-t ghcr.io/serve-app/serve-app:{project['version']}-ray{ray_pin} " in dry_run
+
+
+@pytest.mark.image
+@pytest.mark.slow
+def test_image_config_fits_kuberay(image):
+    env = dict(e.split("=", 1) for e in image["Env"])
+    assert image["User"] == "1000:100"
+    assert image["WorkingDir"] == "/home/ray/app"
+    assert env["PATH"].split(":")[0] == "/opt/venv/bin"
+    assert env["HOME"] == "/home/ray"
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert {"8000/tcp", "8265/tcp", "8080/tcp"} <= set(image["ExposedPorts"])
+    assert "/-/healthz" in " ".join(image["Healthcheck"]["Test"])
+    # Build-time settings (the proxy's CA, proxies) are not baked into the runtime env.
+    assert not {"PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE",
+                "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"} & set(env)
+
+
+@pytest.mark.image
+@pytest.mark.slow
+def test_image_has_what_a_kuberay_pod_runs(container):
+    name, _ = container
+    ray_pin = re.search(r'"ray\[serve\]==([^"]+)"', (ROOT / "pyproject.toml").read_text())[1]
+    out = in_container(name, "id -u; id -g; command -v wget; ray --version; serve --help")
+    uid, gid, wget, ray_version, *_ = out.splitlines()
+    assert (uid, gid) == ("1000", "100")
+    assert wget.endswith("/wget")
+    assert ray_version.endswith(f"version {ray_pin}")
+
+
+@pytest.mark.image
+@pytest.mark.slow
+def test_image_bakes_in_the_configured_models_and_no_proxy_ca(container):
+    _, root = container
+    config = yaml.safe_load((root / "home/ray/app/configs/serve_config.yaml").read_text())
+    assert config == yaml.safe_load((ROOT / "configs/serve_config.yaml").read_text())
+    for model in config["applications"][0]["args"]["models"]:
+        assert list((root / "home/ray/app/model_store" / model["name"]).glob("*/model.json"))
+    # The code in the image is this checkout's (a stale build cache would show here).
+    (installed,) = root.glob("opt/venv/lib/python3*/site-packages/serve_app")
+    ours = {p.relative_to(ROOT / "serve_app"): p.read_bytes()
+            for p in (ROOT / "serve_app").rglob("*.py")}
+    assert {p.relative_to(installed): p.read_bytes() for p in installed.rglob("*.py")} == ours
+    # The build secret (the host's CA bundle, with the proxy's CA) left no trace in the image.
+    assert not (root / "run/secrets").exists()
+    host_only = pem_blocks(Path(CA_BUNDLE)) - pem_blocks(root / "etc/ssl/certs/ca-certificates.crt")
+    for path in [*root.glob("etc/ssl/**/*"), *root.glob("opt/venv/**/*.pem"),
+                 *root.glob("home/ray/**/*")]:
+        if path.is_file() and not path.is_symlink():
+            text = path.read_text(errors="ignore")
+            assert not [cert for cert in host_only if cert in text], path
+
+
+def pem_blocks(path: Path) -> set[str]:
+    return set(re.findall(r"-----BEGIN CERTIFICATE-----\n(.+?)-----END", path.read_text(), re.S))
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.image
+@pytest.mark.slow
+def test_image_cmd_serves_v1_and_v2_and_stops_on_sigterm(image, container, tmp_path):
+    name, _ = container
+    command = (image.get("Entrypoint") or []) + image["Cmd"]
+    port = free_port()
+    # Every port the CMD's Ray and Serve bind, moved off the defaults (the machine is shared).
+    env = {"SERVE_PORT": port, "RAY_DASHBOARD_PORT": free_port(),
+           "RAY_METRICS_EXPORT_PORT": free_port(),
+           "RAY_SERVE_HAPROXY_STATS_PORT": free_port(),
+           "RAY_SERVE_HAPROXY_METRICS_PORT": free_port(),
+           "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": free_port(),
+           "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": free_port()}
+    env = {k: str(v) for k, v in env.items()}
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "container.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        ["buildah", "run", "--isolation", "chroot", "--network", "host",
+         *[f"--env={k}={v}" for k, v in env.items()], name, "--", *command],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    started: list[psutil.Process] = []
+    try:
+        wait_ready(f"{url}/v2/health/ready", proc, timeout=300)
+        started = descendants(proc.pid)
+        assert any("haproxy" in p.name() for p in started), "the HAProxy fast path is not on"
+        with httpx.Client(base_url=url, timeout=60) as http:
+            v1 = http.post("/v1/models/iris:predict", json={"instances": IRIS_ROWS})
+            assert v1.status_code == 200, v1.text
+            assert v1.json() == {"predictions": [0, 2]}
+            v1 = http.post("/v1/models/breast-cancer:predict", json={"instances": [MALIGNANT]})
+            assert v1.json() == {"predictions": [0]}
+
+            v2 = http.post("/v2/models/iris/infer", json={
+                "id": "image-test",
+                "inputs": [{"name": "input-0", "shape": [2, 4], "datatype": "FP32",
+                            "data": IRIS_ROWS}],
+                "outputs": [{"name": "predict"}, {"name": "predict_proba"}]})
+            assert v2.status_code == 200, v2.text
+            body = v2.json()
+            assert body["id"] == "image-test"
+            outputs = {o["name"]: o for o in body["outputs"]}
+            assert outputs["predict"]["data"] == [0, 2]
+            assert outputs["predict_proba"]["shape"] == [2, 3]
+            proba = outputs["predict_proba"]["data"]
+            assert [sum(proba[:3]), sum(proba[3:])] == pytest.approx([1, 1])
+            # the dedicated deployment, behind a DeploymentHandle
+            v2 = http.post("/v2/models/diabetes/infer", json={"inputs": [{
+                "name": "input-0", "shape": [1, 10], "datatype": "FP64",
+                "data": [0.038, 0.051, 0.062, 0.022, -0.044, -0.035, -0.043, -0.003, 0.020,
+                         -0.018]}]})
+            assert v2.status_code == 200, v2.text
+            (prediction,) = v2.json()["outputs"][0]["data"]
+            assert 25 <= prediction <= 346  # the range of the diabetes target
+
+            # the EXPOSEd dashboard and metrics ports, moved by their env vars
+            assert http.get(f"http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}/").status_code == 200
+            metrics = http.get(f"http://127.0.0.1:{env['RAY_METRICS_EXPORT_PORT']}/metrics")
+            assert metrics.status_code == 200
+
+        # The image's HEALTHCHECK, run inside the container as Docker would.
+        check = image["Healthcheck"]["Test"]
+        assert check[0] == "CMD"
+        subprocess.run(["buildah", "run", "--isolation", "chroot", "--network", "host",
+                        f"--env=SERVE_PORT={port}", name, "--", *check[1:]], check=True)
+
+        # `docker stop`: SIGTERM to the CMD's process; Serve and Ray shut down, exit 0.
+        started = descendants(proc.pid)
+        (main,) = [p for p in started if p.cmdline()[1:] == command[1:]
+                   and Path(p.cmdline()[0]).name == command[0]]
+        main.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0
+        _, alive = psutil.wait_procs(started, timeout=60)
+        assert not alive, [p.cmdline()[:3] for p in alive]
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except BaseException:
+        log.flush()
+        print(log_path.read_text()[-8000:])
+        raise
+    finally:
+        # Whatever this test started and did not stop: the buildah run and its processes.
+        leftovers = [p for p in started + descendants(proc.pid) if p.is_running()]
+        if proc.poll() is None:
+            leftovers.append(psutil.Process(proc.pid))
+        for p in leftovers:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if leftovers:
+            proc.wait(timeout=30)
+        log.close()
