@@ -21,11 +21,18 @@ REASONS = (
 )
 
 
+# Messages quote client input (names, shapes, datatypes): a bound keeps a hostile request
+# from turning into a multi-megabyte error response and log line.
+MAX_MESSAGE_CHARS = 2000
+
+
 class InferenceError(Exception):
     status_code = 400
     reason = "invalid_request"
 
     def __init__(self, message: str, reason: str | None = None):
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
         super().__init__(message)
         self.message = message
         if reason is not None:
