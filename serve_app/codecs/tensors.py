@@ -48,7 +48,10 @@ def numbers_or_null(array: np.ndarray, what: str) -> np.ndarray:
     strings into numbers here."""
     if not all(v is None or type(v) in (int, float, bool) for v in array.reshape(-1)):
         raise BadInput(f"{what}: values must be numbers or null", "wrong_type")
-    return array.astype(np.float64)
+    try:
+        return array.astype(np.float64)
+    except OverflowError:  # a Python int beyond float64 (orjson never makes one; json does)
+        raise BadInput(f"{what}: a number is out of range for float64", "wrong_type") from None
 
 
 def jsonable(array: np.ndarray):

@@ -51,7 +51,7 @@ def decode_tensor(tensor: Any, index: int) -> tuple[str, np.ndarray]:
     if missing:
         raise BadInput(f"{where} lacks {missing}")
     name, shape, datatype, data = (tensor[k] for k in ("name", "shape", "datatype", "data"))
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise BadInput(
             f"{where} ({name}): unsupported datatype {datatype!r}; use one of {sorted(DATATYPES)}", "wrong_type"
         )
@@ -59,24 +59,36 @@ def decode_tensor(tensor: Any, index: int) -> tuple[str, np.ndarray]:
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise BadInput(f"{where} ({name}): shape must be a list of non-negative integers")
     dtype, kinds = DATATYPES[datatype]
+    label = f"{where} ({name})"
     try:
         values = np.asarray(data)
     except ValueError:
-        raise BadInput(f"{where} ({name}): nested data is ragged", "wrong_shape") from None
+        raise BadInput(f"{label}: nested data is ragged", "wrong_shape") from None
     if values.dtype.kind == "O" and "f" in kinds:  # null = missing value
-        values = numbers_or_null(values, f"{where} ({name})")
+        values = numbers_or_null(values, label)
     if values.size and values.dtype.kind not in kinds:
-        raise BadInput(f"{where} ({name}): data does not match datatype {datatype}", "wrong_type")
+        if not (kinds == "iu" and values.dtype.kind in "fO" and only_integers(data)):
+            raise BadInput(f"{label}: data does not match datatype {datatype}", "wrong_type")
+        values = np.asarray(data, dtype=object)  # exact ints numpy could not type together
     if values.size != math.prod(shape):
         raise BadInput(
-            f"{where} ({name}): shape {shape} needs {math.prod(shape)} values, data has {values.size}", "wrong_shape"
+            f"{label}: shape {shape} needs {math.prod(shape)} values, data has {values.size}", "wrong_shape"
         )
     try:
-        if values.dtype.kind in "iu" and np.dtype(dtype).kind in "iu":
-            values = np.asarray(data, dtype=dtype)  # raises on out-of-range integers
-        return str(name), values.astype(dtype, copy=False).reshape(shape)
+        if values.dtype.kind in "iuO" and np.dtype(dtype).kind in "iu":
+            values = np.asarray(data, dtype=dtype)  # exact; raises on out-of-range integers
+        with np.errstate(over="ignore"):  # FP16/FP32 overflow becomes inf, refused as non-finite
+            return str(name), values.astype(dtype, copy=False).reshape(shape)
     except OverflowError:
-        raise BadInput(f"{where} ({name}): values out of range for {datatype}", "wrong_type") from None
+        raise BadInput(f"{label}: values out of range for {datatype}", "wrong_type") from None
+    except ValueError:  # more dimensions than numpy supports, or absurd sizes around a zero
+        raise BadInput(f"{label}: shape {shape} is not a usable tensor shape", "wrong_shape") from None
+
+
+def only_integers(data: Any) -> bool:
+    """Whether every value is a JSON integer. numpy reads ints beyond int64 beside smaller
+    ones as float64 (losing digits) or as objects, so this rare path looks at the values."""
+    return all(type(v) is int for v in np.asarray(data, dtype=object).reshape(-1))
 
 
 def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tuple[np.ndarray, tuple[str, ...], Any]:
