@@ -8,37 +8,13 @@
 #   docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt ...
 # README "Container" has the details; tests/test_image.py builds, runs and queries this file.
 
-# Any Debian bookworm with Python 3.11 (python3, python3-venv) fits. The official slim image
-# is the default: a third of the size of rayproject/ray, and Ray comes from the lock anyway.
+# Any Debian bookworm with Python 3.11 (python3, python3-venv) fits. The default is the
+# official slim image; rayproject/ray adds Anaconda and every Ray library's dependencies, and
+# Ray comes at the same pin from the lock either way (README "Container").
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# ---- deps: the locked runtime dependencies in a virtualenv; rebuilt only when the lock changes.
-FROM ${BASE_IMAGE} AS deps
-COPY requirements/lock.txt /tmp/lock.txt
-RUN --mount=type=secret,id=ca \
-    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --require-hashes \
-      -r /tmp/lock.txt
-
-# ---- build: the project's wheel, and the demo models trained into the store.
-FROM deps AS build
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY serve_app ./serve_app
-RUN /opt/venv/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-deps \
-      --no-build-isolation --wheel-dir /dist . \
- && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps --no-index \
-      /dist/*.whl
-WORKDIR /home/ray/app
-COPY configs ./configs
-RUN /opt/venv/bin/python -m serve_app.train --store model_store
-
-# ---- the image: no compilers, caches, wheels or secrets; runs as uid 1000 (as rayproject's).
-FROM ${BASE_IMAGE}
-LABEL org.opencontainers.image.title="serve-app" \
-      org.opencontainers.image.description="scikit-learn and XGBoost models on Ray Serve (KServe V1, Open Inference Protocol V2)" \
-      org.opencontainers.image.licenses="Apache-2.0"
+# ---- base: what the image needs besides Python; shared by all stages, so built once.
+FROM ${BASE_IMAGE} AS base
 # wget and bash: KubeRay's readiness/liveness probes run `bash -c "wget ..."`.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -52,13 +28,42 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     RAY_SERVE_ENABLE_HA_PROXY=1 \
     RAY_USAGE_STATS_ENABLED=0
-COPY --from=deps /opt/venv /opt/venv
+
+# ---- deps: the locked runtime dependencies in a virtualenv; rebuilt only when the lock changes.
+# The lock stays in the image: the exact, hash-checked list of what /opt/venv holds.
+FROM base AS deps
+COPY requirements/lock.txt /opt/requirements-lock.txt
+# A TLS-intercepting proxy's CA arrives as a build secret: in no layer, verification stays on.
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && python3 -m venv /opt/venv \
+ && pip install --no-cache-dir --disable-pip-version-check --require-hashes \
+      -r /opt/requirements-lock.txt
+
+# ---- build: the project's wheel, and the demo models trained into the store.
+FROM deps AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY serve_app ./serve_app
+RUN pip wheel --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation \
+      --wheel-dir /dist . \
+ && pip install --no-cache-dir --disable-pip-version-check --no-deps --no-index /dist/*.whl
+WORKDIR /home/ray/app
+COPY configs ./configs
+RUN python -m serve_app.train --store model_store
+
+# ---- the image: deps plus the project; no sources, wheels, caches or secrets.
+FROM deps
 # A COPY, not a bind mount from the build stage: buildah would reuse a cached RUN after the
-# wheel changed. The project's own layers come after the dependencies' (cache-friendly).
+# wheel changed. The project's layers come after the dependencies' (cache-friendly).
 COPY --from=build /dist /tmp/dist
 RUN pip install --no-cache-dir --disable-pip-version-check --no-deps --no-index /tmp/dist/*.whl \
  && rm -r /tmp/dist
 COPY --from=build --chown=1000:100 /home/ray/app /home/ray/app
+LABEL org.opencontainers.image.title="serve-app" \
+      org.opencontainers.image.description="scikit-learn and XGBoost models on Ray Serve (KServe V1, Open Inference Protocol V2)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# uid 1000, gid 100 (users), as in rayproject images; numeric, so runAsNonRoot can verify it.
 USER 1000:100
 WORKDIR /home/ray/app
 # Serve HTTP, Ray dashboard, Ray metrics (each movable: serve_app/container.py).
