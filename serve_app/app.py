@@ -11,6 +11,7 @@ with orjson. Every client mistake is an :class:`InferenceError` and leaves as
 """
 
 
+import asyncio
 import logging
 import time
 from typing import Any, Awaitable, Callable
@@ -20,14 +21,16 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from serve_app import __version__, telemetry
+from serve_app import __version__, auth, telemetry
 from serve_app.codecs import v1, v2
 from serve_app.config import AppConfig
-from serve_app.errors import BadInput, InferenceError, ModelNotFoundError, PayloadTooLarge, UnsupportedMediaType
+from serve_app.errors import (BadInput, InferenceError, InferenceTimeout, ModelNotFoundError, PayloadTooLarge,
+                              Unauthorized, UnsupportedMediaType)
 from serve_app.metadata import ModelMetadata
 from serve_app.openapi_docs import V1_REQUEST, V2_REQUEST
 from serve_app.runtimes import runtime_for
@@ -46,17 +49,26 @@ def json_response(content: Any, status_code: int = 200) -> Response:
 
 def error_response(status_code: int, message: str, reason: str | None = None) -> Response:
     body = {"error": message} if reason is None else {"error": message, "reason": reason}
-    return json_response(body, status_code)
+    response = json_response(body, status_code)
+    if status_code == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="serve-app"'
+    return response
 
 
 class RemoteWorker:
     """A dedicated model seen from the ingress: same ``infer`` as :class:`ModelWorker`."""
 
-    def __init__(self, meta: ModelMetadata, accepts_missing: bool, handle: DeploymentHandle):
-        self.meta, self.accepts_missing, self._handle = meta, accepts_missing, handle
+    def __init__(self, meta: ModelMetadata, accepts_missing: bool, handle: DeploymentHandle, spec):
+        self.meta, self.accepts_missing, self._handle, self.spec = meta, accepts_missing, handle, spec
 
     async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
-        return await self._handle.infer.remote(X, outputs)
+        try:
+            return await self._handle.infer.remote(X, outputs)
+        except RayTaskError as exc:
+            # The model's client error, as raised there: Ray's wrapper hides its reason.
+            if isinstance(exc.cause, InferenceError):
+                raise exc.cause from None
+            raise
 
 
 api = FastAPI(
@@ -87,9 +99,16 @@ class ModelServer:
             if spec.dedicated:
                 meta = store.read_metadata(spec.name, spec.version)
                 accepts = runtime_for(meta.framework).accepts_missing
-                self.workers[spec.name] = RemoteWorker(meta, accepts, dedicated[spec.name])
+                self.workers[spec.name] = RemoteWorker(meta, accepts, dedicated[spec.name], spec)
             else:
                 self.workers[spec.name] = ModelWorker.from_store(store, spec)
+        self._token = auth.configured_token()
+
+    async def check_health(self) -> None:
+        """Serve replaces this replica when an in-process model stops predicting."""
+        for worker in self.workers.values():
+            if isinstance(worker, ModelWorker):
+                await worker.check()
 
     # -- shared request plumbing -----------------------------------------------------------
     def _worker(self, name: str, version: str | None = None):
@@ -110,49 +129,70 @@ class ModelServer:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-        body = await request.body()
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body of {len(body)} bytes exceeds the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body declares no size: stop at the limit
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise BadInput(f"malformed JSON: {exc}", "malformed_json") from None
 
-    async def _handle(self, protocol: str, name: str,
-                      work: Callable[[], Awaitable[Any]]) -> Response:
-        """Run one request's ``work``; every outcome is counted, timed and, if bad, logged."""
+    def _authenticate(self, request: Request) -> None:
+        if self._token is not None and not auth.authorized(request.headers.get("authorization"), self._token):
+            raise Unauthorized("missing or invalid bearer token (Authorization: Bearer <token>)")
+
+    async def _handle(self, request: Request, protocol: str, name: str,
+                      work: Callable[[], Awaitable[Any]], public: bool = False) -> Response:
+        """Authenticate, then run one request's ``work`` within the model's timeout; every
+        outcome is counted, timed and, if bad, logged."""
         started = time.perf_counter()
         reason = None
+        worker = self.workers.get(name)
+        timeout = worker.spec.timeout_s if worker else None
         try:
-            response = json_response(await work())
+            if not public:
+                self._authenticate(request)
+            try:
+                result = await asyncio.wait_for(work(), timeout)
+            except asyncio.TimeoutError:
+                raise InferenceTimeout(f"model {name!r} did not answer within {timeout} s") from None
+            response = json_response(result)
         except InferenceError as exc:
             reason = exc.reason
             response = error_response(exc.status_code, exc.message, reason)
-            logger.warning("rejected %s request for model %r: %s (%s)", protocol, name, exc.message, reason,
-                           extra={"model": name, "protocol": protocol, "reason": reason,
-                                  "status_code": exc.status_code})
+            log = logger.warning if exc.status_code < 500 else logger.error
+            log("%s %s request for model %r: %s (%s)", "rejected" if exc.status_code < 500 else "failed",
+                protocol, name, exc.message, reason,
+                extra={"model": name, "protocol": protocol, "reason": reason, "status_code": exc.status_code})
         except Exception:
             logger.exception("inference failed for model %r", name,
                              extra={"model": name, "protocol": protocol, "status_code": 500})
             response = error_response(500, "internal error; see server logs")
-        worker = self.workers.get(name)
         # Only served names become label values: arbitrary URLs must not create metric series.
         model, version = (name, worker.meta.version) if worker else (telemetry.UNKNOWN_MODEL, "")
-        telemetry.request_done(model, version, protocol, response.status_code,
-                               time.perf_counter() - started, reason)
+        telemetry.request_done(model, version, protocol, response.status_code, time.perf_counter() - started,
+                               reason if response.status_code < 500 else None)
         return response
 
     # -- KServe V1 ---------------------------------------------------------------------------
     @api.get("/v1/models", tags=["V1"])
-    async def v1_list(self) -> Response:
+    async def v1_list(self, request: Request) -> Response:
+        try:
+            self._authenticate(request)
+        except Unauthorized as exc:
+            return error_response(exc.status_code, exc.message, exc.reason)
         return json_response({"models": sorted(self.workers)})
 
     @api.get("/v1/models/{name}", tags=["V1"])
-    async def v1_model(self, name: str) -> Response:
+    async def v1_model(self, name: str, request: Request) -> Response:
         async def work():
             meta = self._worker(name).meta
             return {"name": name, "ready": True, **meta.to_dict()}
-        return await self._handle("v1", name, work)
+        return await self._handle(request, "v1", name, work)
 
     @api.post("/v1/models/{name}:predict", tags=["V1"], openapi_extra=V1_REQUEST)
     async def v1_predict(self, name: str, request: Request) -> Response:
@@ -160,7 +200,7 @@ class ModelServer:
             worker = self._worker(name)
             X, output = v1.decode_request(await self._json_body(request), worker.meta, worker.accepts_missing)
             return v1.encode_response(await worker.infer(X, (output,)), output)
-        return await self._handle("v1", name, work)
+        return await self._handle(request, "v1", name, work)
 
     # -- Open Inference Protocol V2 ------------------------------------------------------------
     @api.get("/v2", tags=["V2"])
@@ -177,18 +217,18 @@ class ModelServer:
 
     @api.get("/v2/models/{name}", tags=["V2"])
     @api.get("/v2/models/{name}/versions/{version}", tags=["V2"])
-    async def v2_model(self, name: str, version: str | None = None) -> Response:
+    async def v2_model(self, name: str, request: Request, version: str | None = None) -> Response:
         async def work():
             return v2.model_metadata(self._worker(name, version).meta)
-        return await self._handle("v2", name, work)
+        return await self._handle(request, "v2", name, work)
 
     @api.get("/v2/models/{name}/ready", tags=["V2"])
     @api.get("/v2/models/{name}/versions/{version}/ready", tags=["V2"])
-    async def v2_model_ready(self, name: str, version: str | None = None) -> Response:
+    async def v2_model_ready(self, name: str, request: Request, version: str | None = None) -> Response:
         async def work():
             self._worker(name, version)
             return {"name": name, "ready": True}
-        return await self._handle("v2", name, work)
+        return await self._handle(request, "v2", name, work, public=True)  # a health probe
 
     @api.post("/v2/models/{name}/infer", tags=["V2"], openapi_extra=V2_REQUEST)
     @api.post("/v2/models/{name}/versions/{version}/infer", tags=["V2"], openapi_extra=V2_REQUEST)
@@ -198,7 +238,7 @@ class ModelServer:
             X, outputs, request_id = v2.decode_request(
                 await self._json_body(request), worker.meta, worker.accepts_missing)
             return v2.encode_response(worker.meta, await worker.infer(X, outputs), outputs, request_id)
-        return await self._handle("v2", name, work)
+        return await self._handle(request, "v2", name, work)
 
 
 def build_app(args: dict) -> serve.Application:

@@ -45,6 +45,9 @@ class ModelSpec(BaseModel):
         False, description="serve from a deployment of its own (model-<name>) behind a handle"
     )
     drift: DriftSpec = Field(default_factory=DriftSpec)
+    timeout_s: float = Field(
+        30.0, gt=0, description="a request waiting longer than this for the model gets 504"
+    )
 
     @field_validator("name")
     @classmethod

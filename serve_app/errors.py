@@ -18,6 +18,8 @@ REASONS = (
     "model_not_found",
     "unsupported_media_type",
     "payload_too_large",
+    "unauthorized",           # no or a wrong bearer token (serve_app.auth)
+    "timeout",                # the model did not answer within the model's timeout_s (5xx)
 )
 
 
@@ -58,3 +60,15 @@ class UnsupportedMediaType(InferenceError):
 class PayloadTooLarge(InferenceError):
     status_code = 413
     reason = "payload_too_large"
+
+
+class Unauthorized(InferenceError):
+    status_code = 401
+    reason = "unauthorized"
+
+
+class InferenceTimeout(InferenceError):
+    """Not the client's fault: 504, so clients and load balancers may retry elsewhere."""
+
+    status_code = 504
+    reason = "timeout"

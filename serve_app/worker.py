@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -38,6 +39,10 @@ class ModelWorker:
         self.accepts_missing = runtime.accepts_missing
         self.telemetry = ModelTelemetry(self.meta)
         self.drift = DriftMonitor(self.meta, spec.drift.window_rows, spec.drift.min_rows, spec.drift.interval_s)
+        # The model runs on a thread of its own, never on the event loop: a slow or stuck
+        # model cannot freeze the replica (timeouts fire, health checks and other models answer).
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.meta.name}")
+        self._probe = self._reference_row()
         self._batched = serve.batch(
             max_batch_size=spec.max_batch_size,
             batch_wait_timeout_s=spec.batch_wait_timeout_s,
@@ -74,11 +79,19 @@ class ModelWorker:
         self.telemetry.called(X.shape[0], time.perf_counter() - started, results)
         return results
 
+    async def _compute_off_loop(self, X: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self._compute, X, outputs)
+
     async def _run_batch(self, items: list[tuple[np.ndarray, tuple[str, ...]]]) -> list[dict]:
         if len(items) == 1:
-            return [self._compute(*items[0])]
+            return [await self._compute_off_loop(*items[0])]
         wanted = tuple(dict.fromkeys(o for _, outs in items for o in outs))
-        results = self._compute(np.concatenate([x for x, _ in items]), wanted)
+        try:
+            results = await self._compute_off_loop(np.concatenate([x for x, _ in items]), wanted)
+        except Exception:
+            # One request's rows broke the shared call (say, a huge value overflowing inside a
+            # pipeline): answer each request on its own, so only the one that caused it fails.
+            return [await self._alone(x, outs) for x, outs in items]
         answers, start = [], 0
         for x, outs in items:
             stop = start + x.shape[0]
@@ -86,13 +99,37 @@ class ModelWorker:
             start = stop
         return answers
 
+    async def _alone(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray] | Exception:
+        """One request's answer, or its exception as a value: a batch result is per request."""
+        try:
+            return await self._compute_off_loop(X, outputs)
+        except Exception as exc:
+            return exc
+
     async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         self.drift.observe(X)
         if self.drift.due():
             self._start_drift_update()
         if X.shape[0] >= self.spec.max_batch_size:
-            return self._compute(X, outputs)  # already a full batch: don't queue it
-        return await self._batched((X, outputs))
+            return await self._compute_off_loop(X, outputs)  # already a full batch: don't queue it
+        answer = await self._batched((X, outputs))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def _reference_row(self) -> np.ndarray:
+        """One typical input (training means) for health probes."""
+        stats = self.meta.reference_stats
+        return np.array([[stats.get(f, {}).get("mean", 0.0) for f in self.meta.feature_names]])
+
+    async def check(self) -> None:
+        """Raise unless the model still predicts: one row through the model, outside the
+        batching queue (Serve calls this from ``check_health`` and replaces a replica that fails)."""
+        result = await asyncio.wait_for(
+            asyncio.get_running_loop().run_in_executor(self._model_thread, self.runtime.predict, self._probe),
+            self.spec.timeout_s)
+        if np.asarray(result).shape[0] != 1:
+            raise RuntimeError(f"model {self.meta.name!r} answered a one-row probe with {result!r}")
 
     def _start_drift_update(self) -> None:
         """PSI of the current window, computed in a thread: the request does not wait."""
@@ -127,3 +164,6 @@ class DedicatedModel:
 
     async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         return await self.worker.infer(X, outputs)
+
+    async def check_health(self) -> None:
+        await self.worker.check()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -26,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "serve_config.yaml"
 BIN = Path(sys.executable).parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Token auth stays on (Ray's default); clients find the token in ~/.ray/auth_token. Set at
+# import, before any test module imports ray: Ray reads its auth mode once per process.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def free_port() -> int:
@@ -52,7 +56,15 @@ class ServeCluster:
     metrics_url: str
     config: dict
     store: Path
-    ray_temp_dir: Path  # this cluster's own Ray temp dir: its logs and Prometheus file-SD file
+    ray_temp_dir: Path
+    api_token: str  # the bearer token of the GUARDED application
+    dashboard_url: str
+
+    def serve_api(self) -> httpx.Client:
+        """Ray's dashboard REST API (Serve's declarative deploy), with Ray's own auth token."""
+        token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+        return httpx.Client(base_url=self.dashboard_url, timeout=60,
+                            headers={"Authorization": f"Bearer {token}"})  # this cluster's own Ray temp dir: its logs and Prometheus file-SD file
 
     @property
     def session_dir(self) -> Path:
@@ -83,7 +95,7 @@ class ServeCluster:
         )
 
 
-def make_test_config(store: Path, port: int) -> dict:
+def make_test_config(store: Path, port: int, api_token: str) -> dict:
     """The shipped config, with a private store/port and delays short enough for tests."""
     config = copy.deepcopy(yaml.safe_load(CONFIG.read_text()))
     config["http_options"]["port"] = port
@@ -102,7 +114,44 @@ def make_test_config(store: Path, port: int) -> dict:
     diabetes["autoscaling_config"].update(
         min_replicas=1, max_replicas=2, target_ongoing_requests=2,
         upscale_delay_s=1, downscale_delay_s=3)
+    # The guarded application has a store of its own: versions added there by the tests never
+    # change what "latest" means for the main application.
+    config["applications"].append(guarded_app(store.parent / "guarded_store", api_token))
     return config
+
+
+GUARDED = "/guarded"
+
+
+def guarded_app(store: Path, api_token: str) -> dict:
+    """A second application (the same code, its own replica) with the data-plane token set and
+    a model that cannot meet its timeout: single rows wait 1 s for a batch to fill, the model
+    allows 0.3 s. The reliability tests use it; the main application stays open and fast."""
+    return {
+        "name": "guarded", "route_prefix": GUARDED, "import_path": "serve_app.app:build_app",
+        "runtime_env": {"env_vars": {"SERVE_APP_API_TOKEN": api_token}},
+        "args": {"store": str(store), "models": [
+            {"name": "iris"},
+            {"name": "breast-cancer", "max_batch_size": 64, "batch_wait_timeout_s": 1.0, "timeout_s": 0.3},
+        ]},
+        "deployments": [{"name": "ModelServer", "num_replicas": 1, "max_ongoing_requests": 64,
+                         "ray_actor_options": {"num_cpus": 0.25}}],
+    }
+
+
+# Predictions are idempotent, so HAProxy may resend a request whose replica closed the
+# connection without answering (a replica killed or crashing mid-request), not only one that
+# could not connect (Ray's default, conn-failure). Kept in step with the Makefile.
+HAPROXY_RETRY_ON = "conn-failure empty-response"
+
+
+def haproxy_paths(base: Path) -> dict[str, str]:
+    """Environment that gives one local Ray's HAProxy files of its own under ``base``."""
+    (base / "haproxy").mkdir(parents=True, exist_ok=True)
+    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy" / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "haproxy" / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base / "haproxy"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "haproxy" / "server-state")}
 
 
 @pytest.fixture(scope="session")
@@ -114,15 +163,19 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
     store = work / "model_store"
     (http_port, gcs_port, dash_port, metrics_port, haproxy_stats, haproxy_metrics,
      fallback_http, fallback_grpc) = (free_port() for _ in range(8))
-    config = make_test_config(store, http_port)
+    api_token = secrets.token_urlsafe(24)
+    config = make_test_config(store, http_port, api_token)
     config_path = work / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    # Token auth stays on (Ray's default); clients find the token in ~/.ray/auth_token.
-    os.environ["RAY_AUTH_MODE"] = "token"
     env = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_metrics_report_interval_ms": "1000",
            # HAProxy's own ports too, so the suite runs beside a `make serve`.
            "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats),
            "RAY_SERVE_HAPROXY_METRICS_PORT": str(haproxy_metrics),
+           # HAProxy's config, admin socket and server state default to /tmp/haproxy-serve,
+           # shared by every local Ray: this cluster's go under its own temp dir.
+           **haproxy_paths(ray_temp),
+           # What `make serve` and the image set: retry a request whose replica died under it.
+           "RAY_SERVE_HAPROXY_RETRY_ON": os.environ.get("RAY_SERVE_HAPROXY_RETRY_ON", HAPROXY_RETRY_ON),
            # ...and Serve's fallback proxy behind HAProxy (default 8500/9500).
            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),
@@ -145,7 +198,9 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
         import ray
 
         ray.init(address=gcs, namespace="serve", log_to_driver=False)
-        yield ServeCluster(url, gcs, f"http://127.0.0.1:{metrics_port}/metrics", config, store, ray_temp)
+        wait_ready(f"{url}{GUARDED}/v2/health/ready", proc)
+        yield ServeCluster(url, gcs, f"http://127.0.0.1:{metrics_port}/metrics", config, store, ray_temp, api_token,
+                           f"http://127.0.0.1:{dash_port}")
     except BaseException:
         log.flush()
         print((work / "serve_run.log").read_text()[-5000:], file=sys.stderr)
