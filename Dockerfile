@@ -19,6 +19,7 @@ FROM ${BASE_IMAGE} AS base
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends wget \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 1000 --gid 100 --create-home --home-dir /home/ray --shell /bin/bash ray
 # The venv's bin first on PATH: a login-less bash (KubeRay's `ray start`) finds ray and serve.
