@@ -10,10 +10,12 @@ in an artifact refuses to load and the error names the offending types.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import skops.io as sio
 
+from serve_app.errors import BadInput
 from serve_app.metadata import ModelMetadata
 from serve_app.runtimes.base import ArtifactError, ModelRuntime, register_runtime
 
@@ -62,9 +64,25 @@ class SklearnRuntime(ModelRuntime):
         return cls(sio.loads(artifact, trusted=sorted(untrusted)), metadata)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.model.predict(X)
+        with overflow_is_bad_input(self.meta):
+            return self.model.predict(X)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         if not hasattr(self.model, "predict_proba"):
             return super().predict_proba(X)
-        return self.model.predict_proba(X)
+        with overflow_is_bad_input(self.meta):
+            return self.model.predict_proba(X)
+
+
+@contextmanager
+def overflow_is_bad_input(metadata: ModelMetadata):
+    """Each step of a pipeline re-validates its input, so a finite but huge value that a scaler
+    turns into inf fails the next step's check with a ValueError. The client sent that value:
+    it is a 400 naming the problem, not a server error."""
+    try:
+        yield
+    except ValueError as exc:
+        if "contains infinity" not in str(exc) and "contains NaN" not in str(exc):
+            raise
+        raise BadInput(f"{metadata.name}: input values too large for this model: they overflow to "
+                       "infinity or NaN inside it", "non_finite") from None
