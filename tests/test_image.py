@@ -137,6 +137,20 @@ def test_make_image_tags_version_and_ray_pin():
     assert f"-t ghcr.io/serve-app/serve-app:{project['version']}-ray{ray_pin} " in dry_run
 
 
+def test_container_cmd_moves_only_the_serve_port():
+    from serve_app.container import config_for
+
+    shipped = str(ROOT / "configs/serve_config.yaml")
+    assert config_for({"SERVE_CONFIG": shipped}) == shipped
+    moved = Path(config_for({"SERVE_CONFIG": shipped, "SERVE_PORT": "18123"}))
+    try:
+        expected = yaml.safe_load(Path(shipped).read_text())
+        expected["http_options"]["port"] = 18123
+        assert yaml.safe_load(moved.read_text()) == expected
+    finally:
+        moved.unlink()
+
+
 @pytest.mark.image
 @pytest.mark.slow
 def test_image_config_fits_kuberay(image):
