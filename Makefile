@@ -10,16 +10,23 @@ CONFIG ?= configs/serve_config.yaml
 # The fast path (README "Fast path"): HAProxy in front of replicas that serve HTTP directly.
 # Ray token authentication stays on; local clients read the token from ~/.ray/auth_token.
 export RAY_SERVE_ENABLE_HA_PROXY ?= 1
+# Predictions are idempotent: HAProxy resends a request whose replica died before answering
+# (README "Reliability and security"); Ray's default retries only failed connections.
+export RAY_SERVE_HAPROXY_RETRY_ON ?= conn-failure empty-response
 export RAY_AUTH_MODE ?= token
 export RAY_USAGE_STATS_ENABLED ?= 0
+# Where Ray's dashboard reads time series for its Metrics view: the Prometheus of `make monitor`.
+PROMETHEUS_PORT ?= 9090
+export RAY_PROMETHEUS_HOST ?= http://127.0.0.1:$(PROMETHEUS_PORT)
 
-.PHONY: venv system-tools serve stop train test test-unit test-serve bench-proxy clean help lock image manifests
+.PHONY: venv system-tools monitor soak serve stop train test test-unit test-serve bench-proxy clean help lock image manifests
 
 help:
 	@echo "make serve   - serve the demo models on http://127.0.0.1:8000 (trains them if missing)"
 	@echo "make test    - run the whole test suite"
 	@echo "make train   - (re)train the demo models into $(STORE)"
 	@echo "make stop    - stop a local Ray/Serve (and HAProxy) left running"
+	@echo "make monitor - Prometheus on http://127.0.0.1:$(PROMETHEUS_PORT) scraping a running make serve"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -70,6 +77,18 @@ test: $(STAMP) system-tools
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not serve and not image"
 
+# Prometheus for a running `make serve` (README "Monitoring"): finds Ray's metrics ports in the
+# file-SD file Ray writes and evaluates the alert rules; UI on http://127.0.0.1:$(PROMETHEUS_PORT).
+monitor: system-tools
+	prometheus --config.file=configs/prometheus/prometheus.yml --storage.tsdb.path=.prometheus \
+	  --web.listen-address=127.0.0.1:$(PROMETHEUS_PORT)
+
+# 10 minutes of load on a fresh `serve run` of the shipped config: errors and replica RSS
+# growth (goals: 0, < 10 %); results in bench/results/soak.json. `make test` runs 30 s of it.
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --start --duration $(SOAK_SECONDS)
+
 bench-proxy: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python bench/proxy_compare.py
@@ -99,4 +118,4 @@ image:
 	  $(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE)) $(IMAGE_FLAGS) .
 
 clean:
-	rm -rf $(VENV) model_store .pytest_cache
+	rm -rf $(VENV) model_store .pytest_cache .prometheus
