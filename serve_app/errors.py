@@ -9,6 +9,7 @@ must come from the small fixed vocabulary in :data:`REASONS` (bounded metric car
 REASONS = (
     "invalid_request",        # the body's structure is wrong (not an object, missing key, ...)
     "malformed_json",
+    "malformed_binary",       # a binary body (.npy, V2 binary tensor extension) that cannot be read
     "wrong_shape",            # feature count, ragged rows, shape/data mismatch, no rows
     "wrong_type",             # strings where numbers are needed, datatype mismatch, overflow
     "non_finite",             # Infinity
