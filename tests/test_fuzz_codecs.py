@@ -207,6 +207,13 @@ def test_v2_round_trip_of_every_datatype(data, datatype, columnar):
     generated[f"v2-round-trip-{datatype}"] += 1
 
 
+def test_uint64_beyond_int64_beside_small_values_is_exact():
+    """numpy reads [2**64 - 1, 1] as float64 (losing digits); the V2 decoder keeps them exact."""
+    data = [2**64 - 1, 1, 0, 2**63]
+    _, decoded = v2.decode_tensor(wire({"name": "x", "shape": [1, 4], "datatype": "UINT64", "data": data}), 0)
+    assert decoded.dtype == np.uint64 and decoded.reshape(-1).tolist() == data
+
+
 @FUZZ
 @given(labels=hnp.arrays(np.int64, st.integers(1, 8)),
        proba=hnp.arrays(np.float64, st.tuples(st.integers(1, 8), st.just(3)),
