@@ -11,7 +11,24 @@ import signal
 import subprocess
 import time
 
+from pathlib import Path
+
 import httpx
+
+# Predictions are idempotent, so HAProxy may resend a request whose replica closed the
+# connection without answering (a replica killed or crashing mid-request), not only one that
+# could not connect (Ray's default, conn-failure). Kept in step with the Makefile.
+HAPROXY_RETRY_ON = "conn-failure empty-response"
+
+
+def haproxy_paths(base: Path) -> dict[str, str]:
+    """Environment that gives one local Ray's HAProxy files of its own under ``base``
+    (they default to /tmp/haproxy-serve, shared by every local Ray)."""
+    (base / "haproxy").mkdir(parents=True, exist_ok=True)
+    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy" / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "haproxy" / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base / "haproxy"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "haproxy" / "server-state")}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -21,7 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from serve_app.localserve import stop_orphaned_haproxy, stop_process_group, stop_ray_cluster, wait_ready
+from serve_app.localserve import (HAPROXY_RETRY_ON, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
+                                  stop_ray_cluster, wait_ready)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "serve_config.yaml"
@@ -137,21 +138,6 @@ def guarded_app(store: Path, api_token: str) -> dict:
         "deployments": [{"name": "ModelServer", "num_replicas": 1, "max_ongoing_requests": 64,
                          "ray_actor_options": {"num_cpus": 0.25}}],
     }
-
-
-# Predictions are idempotent, so HAProxy may resend a request whose replica closed the
-# connection without answering (a replica killed or crashing mid-request), not only one that
-# could not connect (Ray's default, conn-failure). Kept in step with the Makefile.
-HAPROXY_RETRY_ON = "conn-failure empty-response"
-
-
-def haproxy_paths(base: Path) -> dict[str, str]:
-    """Environment that gives one local Ray's HAProxy files of its own under ``base``."""
-    (base / "haproxy").mkdir(parents=True, exist_ok=True)
-    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy" / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "haproxy" / "admin.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base / "haproxy"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "haproxy" / "server-state")}
 
 
 @pytest.fixture(scope="session")
