@@ -23,12 +23,15 @@ HAPROXY_RETRY_ON = "conn-failure empty-response"
 
 def haproxy_paths(base: Path) -> dict[str, str]:
     """Environment that gives one local Ray's HAProxy files of its own under ``base``
-    (they default to /tmp/haproxy-serve, shared by every local Ray)."""
-    (base / "haproxy").mkdir(parents=True, exist_ok=True)
-    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy" / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "haproxy" / "admin.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base / "haproxy"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "haproxy" / "server-state")}
+    (they default to /tmp/haproxy-serve, shared by every local Ray).
+
+    Names are short: Ray nests a 56-character node id under these paths, and HAProxy refuses
+    an admin socket path over 97 bytes (keep ``base`` under ~28 bytes)."""
+    (base / "hp").mkdir(parents=True, exist_ok=True)
+    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "hp" / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "hp" / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base / "hp"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "hp" / "server-state")}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
