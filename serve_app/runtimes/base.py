@@ -10,6 +10,7 @@ once at load time and never branches on the framework per request.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -25,6 +26,23 @@ class ArtifactError(Exception):
 
 class UnsupportedOutput(Exception):
     """The model cannot produce the requested output (e.g. probabilities of a regressor)."""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Per-feature contributions to a model's raw output ("margin"), row by row.
+
+    For every row and output, ``bias + contributions.sum(features)`` equals the model's margin
+    for that output: the log-odds (XGBoost, linear classifiers), the predicted value
+    (regressors), or the class probability (scikit-learn tree ensembles, whose trees vote
+    probabilities). ``outputs`` names the margin columns.
+    """
+
+    contributions: np.ndarray  # (rows, outputs, features)
+    bias: np.ndarray           # (rows, outputs)
+    outputs: list[str]
+    margin_kind: str           # "log_odds", "value" or "probability"
+    method: str                # "tree_shap", "linear_exact" or "saabas"
 
 
 def register_runtime(cls: type["ModelRuntime"]) -> type["ModelRuntime"]:
@@ -70,6 +88,14 @@ class ModelRuntime(ABC):
         raise UnsupportedOutput(
             f"model {self.meta.name!r} is a {self.meta.task} model and has no probabilities"
         )
+
+    def explain(self, X: np.ndarray) -> Explanation:
+        """Per-feature contributions (see :class:`Explanation`)."""
+        raise UnsupportedOutput(f"model {self.meta.name!r} has no explanation method")
+
+    def margin(self, X: np.ndarray) -> np.ndarray:
+        """The raw output :meth:`explain` decomposes, shaped (rows, outputs)."""
+        raise UnsupportedOutput(f"model {self.meta.name!r} has no explanation method")
 
     def metadata(self) -> dict[str, Any]:
         return self.meta.to_dict()

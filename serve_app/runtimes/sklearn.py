@@ -17,7 +17,8 @@ import skops.io as sio
 
 from serve_app.errors import BadInput
 from serve_app.metadata import ModelMetadata
-from serve_app.runtimes.base import ArtifactError, ModelRuntime, register_runtime
+from serve_app.runtimes import sklearn_explain
+from serve_app.runtimes.base import ArtifactError, Explanation, ModelRuntime, register_runtime
 
 TRUSTED_TYPES = frozenset(
     {
@@ -72,6 +73,15 @@ class SklearnRuntime(ModelRuntime):
             return super().predict_proba(X)
         with overflow_is_bad_input(self.meta):
             return self.model.predict_proba(X)
+
+    def margin(self, X: np.ndarray) -> np.ndarray:
+        with overflow_is_bad_input(self.meta):
+            return sklearn_explain.margin(self.model, X, self.meta.is_classifier)
+
+    def explain(self, X: np.ndarray) -> Explanation:
+        """Exact for linear models, Saabas for trees (see serve_app.runtimes.sklearn_explain)."""
+        with overflow_is_bad_input(self.meta):
+            return sklearn_explain.explain(self.model, X, self.meta.classes, self.meta.is_classifier)
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import numpy as np
 import xgboost as xgb
 
 from serve_app.metadata import ModelMetadata
-from serve_app.runtimes.base import ArtifactError, ModelRuntime, register_runtime
+from serve_app.runtimes.base import ArtifactError, Explanation, ModelRuntime, register_runtime
 
 
 @register_runtime
@@ -58,3 +58,23 @@ class XGBoostRuntime(ModelRuntime):
         if raw.ndim == 1:  # binary:logistic gives P(class 1) only
             return np.column_stack([1.0 - raw, raw])
         return raw
+
+    def _margin_outputs(self) -> list[str]:
+        if self.classes is None:
+            return ["value"]
+        return [str(self.classes[-1])] if len(self.classes) == 2 else [str(c) for c in self.classes]
+
+    def margin(self, X: np.ndarray) -> np.ndarray:
+        raw = self.model.inplace_predict(X, predict_type="margin", validate_features=False)
+        return raw.reshape(len(X), -1)
+
+    def explain(self, X: np.ndarray) -> Explanation:
+        """XGBoost's own TreeSHAP (``pred_contribs``): exact Shapley values of the trees."""
+        contribs = self.model.predict(xgb.DMatrix(X, missing=np.nan), pred_contribs=True,
+                                      validate_features=False)
+        contribs = contribs.reshape(len(X), -1, X.shape[1] + 1)  # (rows, outputs, features + bias)
+        return Explanation(contributions=contribs[:, :, :-1], bias=contribs[:, :, -1],
+                           outputs=self._margin_outputs(),
+                           margin_kind="log_odds" if self.meta.is_classifier else "value",
+                           method="tree_shap")
+
