@@ -27,6 +27,7 @@ help:
 	@echo "make train   - (re)train the demo models into $(STORE)"
 	@echo "make stop    - stop a local Ray/Serve (and HAProxy) left running"
 	@echo "make monitor - Prometheus on http://127.0.0.1:$(PROMETHEUS_PORT) scraping a running make serve"
+	@echo "make jupyter - JupyterLab on notebooks/ (README \"Notebooks\")"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -76,6 +77,12 @@ test: $(STAMP) system-tools
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not serve and not image"
+
+# JupyterLab on notebooks/ (README "Notebooks") with the venv's kernel; the notebooks start
+# their own in-process Ray, with the fast path exported above. Jupyter refuses root unless told.
+.PHONY: jupyter
+jupyter: $(STAMP)
+	cd notebooks && ../$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(JUPYTER_FLAGS)
 
 # Prometheus for a running `make serve` (README "Monitoring"): finds Ray's metrics ports in the
 # file-SD file Ray writes and evaluates the alert rules; UI on http://127.0.0.1:$(PROMETHEUS_PORT).
