@@ -37,7 +37,7 @@ from sklearn import datasets
 
 from conftest import free_port, require_tool
 from serve_app import manifests
-from serve_app.localserve import stop_orphaned_haproxy, stop_ray_cluster
+from serve_app.localserve import haproxy_paths, stop_orphaned_haproxy, stop_ray_cluster
 from serve_app.runtimes import load_runtime
 from serve_app.store import ModelStore
 
@@ -174,6 +174,8 @@ def prod_like(tmp_path_factory) -> LocalCluster:
             "RAY_SERVE_HAPROXY_STATS_PORT": str(node.haproxy_ports[1]),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(node.haproxy_ports[2]),
             **fallback_ports,
+            # Each node's HAProxy files of its own (the default /tmp/haproxy-serve is per machine).
+            **haproxy_paths(temp_dir / f"n{nodes.index(node)}"),
         })
         if node.role != "head":  # the head's HAProxy binds http_options.port
             env["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(node.serve_port)
@@ -288,3 +290,91 @@ def test_every_model_answers_correctly_through_every_ingress(prod_like):
                 assert response.status_code == 200, (node.role, name, response.text)
                 np.testing.assert_allclose(response.json()["predictions"], reference[name].predict(X),
                                            rtol=1e-6, err_msg=f"{name} via {node.role}")
+
+
+# -- a worker node lost under load (runs last: it changes the cluster) ----------------------------
+def _replica_nodes(api: httpx.Client) -> dict[str, list[str]]:
+    """Node id of every RUNNING replica, by deployment."""
+    apps = api.get("/api/serve/applications/").json()["applications"]
+    return {f"{app}/{name}": [r["node_id"] for r in d["replicas"] if r["state"] == "RUNNING"]
+            for app, a in apps.items() for name, d in a["deployments"].items()}
+
+
+def _node_processes(node: LocalNode) -> list:
+    """Every process of one local node: they all carry its worker-proxy port in their environment."""
+    import psutil
+
+    port = str(node.serve_port)
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.environ().get("RAY_SERVE_WORKER_PROXY_HTTP_PORT") == port:
+                mine.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return mine
+
+
+def test_losing_a_worker_node_under_load_reschedules_its_replicas(prod_like):
+    """Kill every process of one worker node (raylet, agents, replicas, HAProxy) while clients
+    send requests through the head's ingress: the replicas come back on the surviving worker and
+    serving goes on. Errors and recovery time are printed (README "Reliability and security")."""
+    import threading
+
+    import psutil
+
+    workers = prod_like.nodes[1:]
+    assert len(workers) >= 2, "the prod shape needs two worker nodes for this test"
+    with prod_like.api() as api:
+        ingress = "models/ModelServer"
+        # Serve spreads replicas over nodes: the ingress's two replicas sit on both workers.
+        _wait("ingress replicas on both workers", lambda: len(set(_replica_nodes(api)[ingress])) >= 2)
+        before = _replica_nodes(api)
+
+    victim = workers[-1]
+    victim_processes = _node_processes(victim)
+    assert victim_processes, "found no process of the victim node"
+
+    outcomes: list[tuple[float, bool]] = []
+    stop = threading.Event()
+    row = DATASETS["iris"]().data[:1].tolist()
+
+    def load():
+        with httpx.Client(base_url=f"http://127.0.0.1:{prod_like.nodes[0].serve_port}", timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    ok = client.post("/v1/models/iris:predict", json={"instances": row}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                outcomes.append((time.monotonic(), ok))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    killed_at = time.monotonic()
+    for proc in victim_processes:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    with prod_like.api() as api:
+        _wait("the lost node's replicas rescheduled on the survivor",
+              lambda: len(_alive_nodes(api)) == len(prod_like.nodes) - 1
+              and all(len(nodes) >= len(before[name]) for name, nodes in _replica_nodes(api).items()))
+        recovered_at = time.monotonic()
+        after = _replica_nodes(api)
+        survivors = {n["node_id"] for n in _alive_nodes(api)}
+    time.sleep(5)
+    stop.set()
+    for t in threads:
+        t.join()
+
+    window = [ok for at, ok in outcomes if at >= killed_at]
+    failed = window.count(False)
+    last_failure = max((at for at, ok in outcomes if not ok), default=killed_at)
+    print(f"\nnode loss: {failed}/{len(window)} requests failed; last failure {last_failure - killed_at:.1f} s "
+          f"after the kill; replicas back to strength {recovered_at - killed_at:.1f} s after it")
+    assert all(set(nodes) <= survivors for nodes in after.values()), after
+    assert window[-20:] == [True] * 20, "serving did not recover"
+
