@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 from ray import serve
 
+from serve_app.codecs.tensors import EXPLANATION_OUTPUTS
 from serve_app.config import ModelSpec
 from serve_app.drift import DriftMonitor
 from serve_app.runtimes import ModelRuntime, load_runtime
@@ -110,12 +111,29 @@ class ModelWorker:
         self.drift.observe(X)
         if self.drift.due():
             self._start_drift_update()
+        if any(o in EXPLANATION_OUTPUTS for o in outputs):
+            return await self._infer_with_explanation(X, outputs)
+        return await self._predict(X, outputs)
+
+    async def _predict(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         if X.shape[0] >= self.spec.max_batch_size:
             return await self._compute_off_loop(X, outputs)  # already a full batch: don't queue it
         answer = await self._batched((X, outputs))
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    async def _infer_with_explanation(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict:
+        """Explanations are heavier than predictions and have their own shape: they run on the
+        model thread directly, not through the batching queue; predictions asked alongside do."""
+        explanation = await asyncio.get_running_loop().run_in_executor(self._model_thread, self.runtime.explain, X)
+        results = {"contributions": explanation.contributions, "bias": explanation.bias,
+                   "explanation_info": {"outputs": explanation.outputs, "method": explanation.method,
+                                        "margin_kind": explanation.margin_kind}}
+        rest = tuple(o for o in outputs if o not in EXPLANATION_OUTPUTS)
+        if rest:
+            results.update(await self._predict(X, rest))
+        return results
 
     def _reference_row(self) -> np.ndarray:
         """One typical input (training means) for health probes."""

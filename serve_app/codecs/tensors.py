@@ -18,7 +18,10 @@ import numpy as np
 
 from serve_app.errors import BadInput
 
-OUTPUTS = ("predict", "predict_proba")
+# Explanation outputs: per-feature contributions to the model's margin and its bias
+# (serve_app.runtimes.base.Explanation); computed outside the batching queue.
+EXPLANATION_OUTPUTS = ("contributions", "bias")
+OUTPUTS = ("predict", "predict_proba", *EXPLANATION_OUTPUTS)
 
 
 def as_float_matrix(values: Any, n_features: int, accepts_missing: bool, what: str) -> np.ndarray:

@@ -49,3 +49,23 @@ def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tup
 
 def encode_response(outputs: dict[str, np.ndarray], output: str) -> dict[str, Any]:
     return {"predictions": jsonable(outputs[output])}
+
+
+def encode_explanation(results: dict[str, Any], meta: ModelMetadata) -> dict[str, Any]:
+    """The ``:explain`` answer: per row and margin output, the bias and each feature's
+    contribution (bias + contributions = the margin named by ``margin``)."""
+    info = results["explanation_info"]
+    contributions, bias = results["contributions"], results["bias"]
+    names = meta.feature_names
+    return {
+        "method": info["method"],
+        "margin": info["margin_kind"],
+        "outputs": info["outputs"],
+        "explanations": [
+            {output: {"bias": float(bias[r, k]),
+                      "contributions": dict(zip(names, contributions[r, k].tolist()))}
+             for k, output in enumerate(info["outputs"])}
+            for r in range(contributions.shape[0])
+        ],
+    }
+

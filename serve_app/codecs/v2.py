@@ -142,6 +142,9 @@ def encode_response(meta: ModelMetadata, results: dict[str, np.ndarray], outputs
     }
     if request_id is not None:
         response["id"] = request_id
+    if "explanation_info" in results:  # contributions/bias: name their margin outputs and method
+        response["parameters"] = {"explanation": results["explanation_info"],
+                                  "feature_names": meta.feature_names}
     return response
 
 

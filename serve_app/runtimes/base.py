@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from serve_app.errors import BadInput
 from serve_app.metadata import ModelMetadata
 
 RUNTIMES: dict[str, type["ModelRuntime"]] = {}
@@ -24,8 +25,11 @@ class ArtifactError(Exception):
     """An artifact that must not or cannot be loaded (untrusted types, bad format)."""
 
 
-class UnsupportedOutput(Exception):
-    """The model cannot produce the requested output (e.g. probabilities of a regressor)."""
+class UnsupportedOutput(BadInput):
+    """The model cannot produce the requested output (e.g. probabilities of a regressor, an
+    explanation of a model family without a method): the client asked for it, so a 400."""
+
+    reason = "unknown_output"
 
 
 @dataclass(frozen=True)
