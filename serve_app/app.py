@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from serve_app import __version__, auth, telemetry
-from serve_app.codecs import v1, v2
+from serve_app.codecs import binary, v1, v2
 from serve_app.config import AppConfig
 from serve_app.errors import (BadInput, InferenceError, InferenceTimeout, ModelNotFoundError, PayloadTooLarge,
                               Unauthorized, UnsupportedMediaType)
@@ -47,6 +47,11 @@ def json_response(content: Any, status_code: int = 200) -> Response:
                     status_code=status_code, media_type="application/json")
 
 
+def _content_type(request: Request) -> str:
+    # Above the ingress class: serve.ingress copies the class while this module is still loading.
+    return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+
+
 def error_response(status_code: int, message: str, reason: str | None = None) -> Response:
     body = {"error": message} if reason is None else {"error": message, "reason": reason}
     response = json_response(body, status_code)
@@ -56,12 +61,31 @@ def error_response(status_code: int, message: str, reason: str | None = None) ->
 
 
 class RemoteWorker:
-    """A dedicated model seen from the ingress: same ``infer`` as :class:`ModelWorker`."""
+    """A dedicated model seen from the ingress: same ``infer`` as :class:`ModelWorker`.
 
-    def __init__(self, meta: ModelMetadata, accepts_missing: bool, handle: DeploymentHandle, spec):
+    The dedicated deployment can roll to another model version while this ingress lives on
+    (a config change to ``model-<name>`` alone), and during the rollout old and new replicas
+    answer side by side. So each answer says which version computed it, and is described with
+    that version's metadata (read once per version), never with the version this ingress
+    started with.
+    """
+
+    def __init__(self, meta: ModelMetadata, accepts_missing: bool, handle: DeploymentHandle, spec,
+                 store: ModelStore):
         self.meta, self.accepts_missing, self._handle, self.spec = meta, accepts_missing, handle, spec
+        self._store = store
+        self._metas = {meta.version: meta}
 
     async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        results = await self._call(X, outputs)
+        version = results["model_version"]
+        if version not in self._metas:
+            self._metas[version] = await asyncio.get_running_loop().run_in_executor(
+                None, self._store.read_metadata, self.meta.name, version)
+        self.meta = results["model_meta"] = self._metas[version]  # the newest answer describes the model
+        return results
+
+    async def _call(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict:
         try:
             return await self._handle.infer.remote(X, outputs)
         except RayTaskError as exc:
@@ -88,7 +112,9 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> Response
     return error_response(400, str(exc.errors()))
 
 
-@serve.deployment(name="ModelServer", max_ongoing_requests=64)
+# max_surge_percent: a rolling update starts a new replica before it stops an old one, so a
+# one-replica deployment is never empty mid-rollout (requests would queue ~10 s otherwise).
+@serve.deployment(name="ModelServer", max_ongoing_requests=64, max_surge_percent=25)
 @serve.ingress(api)
 class ModelServer:
     def __init__(self, config: dict, dedicated: dict[str, DeploymentHandle] | None = None):
@@ -99,7 +125,7 @@ class ModelServer:
             if spec.dedicated:
                 meta = store.read_metadata(spec.name, spec.version)
                 accepts = runtime_for(meta.framework).accepts_missing
-                self.workers[spec.name] = RemoteWorker(meta, accepts, dedicated[spec.name], spec)
+                self.workers[spec.name] = RemoteWorker(meta, accepts, dedicated[spec.name], spec, store)
             else:
                 self.workers[spec.name] = ModelWorker.from_store(store, spec)
         self._token = auth.configured_token()
@@ -122,9 +148,25 @@ class ModelServer:
         return worker
 
     async def _json_body(self, request: Request) -> Any:
-        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        content_type = _content_type(request)
         if content_type not in ("application/json", "") and not content_type.endswith("+json"):
             raise UnsupportedMediaType(f"content type {content_type!r} is not supported; send application/json")
+        body = await self._body(request)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadInput(f"malformed JSON: {exc}", "malformed_json") from None
+
+    async def _v2_body(self, request: Request) -> tuple[Any, set[str]]:
+        """A V2 request object from JSON or a binary body, and the outputs to send back binary."""
+        header_length = request.headers.get(binary.HEADER_LENGTH)
+        if not binary.is_binary(_content_type(request), header_length):
+            return await self._json_body(request), set()
+        body = binary.decode_body(await self._body(request), _content_type(request), header_length,
+                                  request.query_params.get("outputs"))
+        return body, binary.binary_outputs(body)
+
+    async def _body(self, request: Request) -> bytes:
         limit = self.config.max_request_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -135,11 +177,15 @@ class ModelServer:
             if size > limit:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
-        body = b"".join(chunks)
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadInput(f"malformed JSON: {exc}", "malformed_json") from None
+        return b"".join(chunks)
+
+    @staticmethod
+    def _answered_by(request: Request, worker, results: dict) -> ModelMetadata:
+        """The metadata of the model version that computed ``results`` (it labels the answer
+        and the request's metrics)."""
+        meta = results.get("model_meta", worker.meta)
+        request.state.model_version = meta.version
+        return meta
 
     def _authenticate(self, request: Request) -> None:
         if self._token is not None and not auth.authorized(request.headers.get("authorization"), self._token):
@@ -160,7 +206,7 @@ class ModelServer:
                 result = await asyncio.wait_for(work(), timeout)
             except asyncio.TimeoutError:
                 raise InferenceTimeout(f"model {name!r} did not answer within {timeout} s") from None
-            response = json_response(result)
+            response = result if isinstance(result, Response) else json_response(result)
         except InferenceError as exc:
             reason = exc.reason
             response = error_response(exc.status_code, exc.message, reason)
@@ -173,7 +219,8 @@ class ModelServer:
                              extra={"model": name, "protocol": protocol, "status_code": 500})
             response = error_response(500, "internal error; see server logs")
         # Only served names become label values: arbitrary URLs must not create metric series.
-        model, version = (name, worker.meta.version) if worker else (telemetry.UNKNOWN_MODEL, "")
+        model, version = ((name, getattr(request.state, "model_version", worker.meta.version)) if worker
+                          else (telemetry.UNKNOWN_MODEL, ""))
         telemetry.request_done(model, version, protocol, response.status_code, time.perf_counter() - started,
                                reason if response.status_code < 500 else None)
         return response
@@ -199,13 +246,15 @@ class ModelServer:
         async def work():
             worker = self._worker(name)
             X, output = v1.decode_request(await self._json_body(request), worker.meta, worker.accepts_missing)
-            return v1.encode_response(await worker.infer(X, (output,)), output)
+            results = await worker.infer(X, (output,))
+            self._answered_by(request, worker, results)
+            return v1.encode_response(results, output)
         return await self._handle(request, "v1", name, work)
 
     # -- Open Inference Protocol V2 ------------------------------------------------------------
     @api.get("/v2", tags=["V2"])
     async def v2_server(self) -> Response:
-        return json_response({"name": SERVER_NAME, "version": __version__, "extensions": []})
+        return json_response({"name": SERVER_NAME, "version": __version__, "extensions": ["binary_tensor_data"]})
 
     @api.get("/v2/health/live", tags=["V2"])
     async def v2_live(self) -> Response:
@@ -235,9 +284,16 @@ class ModelServer:
     async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
         async def work():
             worker = self._worker(name, version)
-            X, outputs, request_id = v2.decode_request(
-                await self._json_body(request), worker.meta, worker.accepts_missing)
-            return v2.encode_response(worker.meta, await worker.infer(X, outputs), outputs, request_id)
+            body, binary_outputs = await self._v2_body(request)
+            X, outputs, request_id = v2.decode_request(body, worker.meta, worker.accepts_missing)
+            results = await worker.infer(X, outputs)
+            response = v2.encode_response(self._answered_by(request, worker, results), results, outputs,
+                                          request_id)
+            if not binary_outputs:
+                return response
+            content, header_length = binary.encode_response(response, binary_outputs)
+            return Response(content, media_type="application/octet-stream",
+                            headers={"Inference-Header-Content-Length": str(header_length)})
         return await self._handle(request, "v2", name, work)
 
 

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.serve
@@ -13,6 +16,17 @@ IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 
 def v2_body(shape, data, datatype="FP64", name="input-0"):
     return {"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]}
+
+
+NPY = {"content-type": "application/x-npy"}
+BINARY_HEADER = (b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", '
+                 b'"parameters": {"binary_data_size": 32}}]}')
+
+
+def npy(rows) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array(rows))
+    return buffer.getvalue()
 
 
 # (README row, method, path, raw body or JSON, headers, status, fragment of the error)
@@ -53,6 +67,15 @@ CASES = [
      b'{"instances": [[1.7976931348623157e308, 3.5, 1.4, 0.2]]}', JSON, 400, "too large for this model"),
     ("finite value overflowing inside a dedicated model", "POST", "/v1/models/diabetes:predict",
      b'{"instances": [[1.7976931348623157e308, 0, 0, 0, 0, 0, 0, 0, 0, 0]]}', JSON, 400, "too large for this model"),
+    # Binary bodies (README "Binary payloads"): .npy and the V2 binary tensor extension.
+    ("binary: body not .npy", "POST", "/v2/models/iris/infer", b"garbage", NPY, 400, "not a readable .npy"),
+    ("binary: .npy of strings", "POST", "/v2/models/iris/infer", npy([["a", "b", "c", "d"]]), NPY, 400, "not numeric"),
+    ("binary: .npy wrong feature count", "POST", "/v2/models/iris/infer", npy([[1.0, 2.0, 3.0]]), NPY, 400,
+     "expected shape [N, 4]"),
+    ("binary: header length not a number", "POST", "/v2/models/iris/infer", b'{"inputs": []}',
+     {"inference-header-content-length": "twelve"}, 400, "byte count"),
+    ("binary: tensor data cut short", "POST", "/v2/models/iris/infer", BINARY_HEADER + b"\0" * 31,
+     {"inference-header-content-length": str(len(BINARY_HEADER))}, 400, "runs past the end"),
     ("unknown model (V1)", "POST", "/v1/models/tulip:predict", {"instances": [IRIS_ROW]}, JSON, 404, "not served"),
     ("unknown model (V2)", "POST", "/v2/models/tulip/infer", v2_body([1, 4], IRIS_ROW), JSON, 404, "not served"),
     ("unknown version", "POST", "/v2/models/iris/versions/99/infer", v2_body([1, 4], IRIS_ROW), JSON, 404, "no version '99'"),
@@ -77,6 +100,9 @@ REASONS = {
     "V2 data not of its datatype": "wrong_type", "V2 missing inputs": "invalid_request",
     "V2 datatype not a string": "wrong_type", "V2 shape numpy cannot build": "wrong_shape",
     "finite value overflowing inside the model": "non_finite", "finite value overflowing inside a dedicated model": "non_finite",
+    "binary: body not .npy": "malformed_binary", "binary: .npy of strings": "wrong_type",
+    "binary: .npy wrong feature count": "wrong_shape", "binary: header length not a number": "malformed_binary",
+    "binary: tensor data cut short": "malformed_binary",
     "unknown model (V1)": "model_not_found", "unknown model (V2)": "model_not_found",
     "unknown version": "model_not_found", "unknown model metadata": "model_not_found",
     "unknown path": None, "wrong method": None,
