@@ -19,13 +19,14 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 PROMETHEUS_PORT ?= 9090
 export RAY_PROMETHEUS_HOST ?= http://127.0.0.1:$(PROMETHEUS_PORT)
 
-.PHONY: venv system-tools monitor soak serve stop train test test-unit test-serve bench-proxy clean help lock image manifests
+.PHONY: venv system-tools monitor soak serve stop train test test-unit test-serve bench clean help lock image manifests
 
 help:
 	@echo "make serve   - serve the demo models on http://127.0.0.1:8000 (trains them if missing)"
 	@echo "make test    - run the whole test suite"
 	@echo "make train   - (re)train the demo models into $(STORE)"
 	@echo "make stop    - stop a local Ray/Serve (and HAProxy) left running"
+	@echo "make bench   - benchmark against FastAPI, MLServer and naive Ray Serve (~20 min)"
 	@echo "make monitor - Prometheus on http://127.0.0.1:$(PROMETHEUS_PORT) scraping a running make serve"
 	@echo "make jupyter - JupyterLab on notebooks/ (README \"Notebooks\")"
 
@@ -37,11 +38,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian tools the tests drive for real (Prometheus/promtool, image build). Installed only when
+# Debian tools the tests drive for real (Prometheus/promtool, image build, wrk). Installed only when
 # one is missing, so a laptop that has them is left alone; tests that need one skip without it
 # on a laptop but fail under CI=true, where this target has installed them.
 SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus \
-                buildah:buildah podman:podman debootstrap:debootstrap
+                buildah:buildah podman:podman debootstrap:debootstrap wrk:wrk
 system-tools:
 	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done | sort -u); \
 	if [ -n "$$missing" ]; then \
@@ -96,9 +97,21 @@ SOAK_SECONDS ?= 600
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py --start --duration $(SOAK_SECONDS)
 
-bench-proxy: $(STAMP)
-	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
-	$(BIN)/python bench/proxy_compare.py
+# Our server against hand-rolled FastAPI, MLServer and a tutorial-style Ray Serve app, plus
+# the levers (README "Performance"); ~20 min, results in bench/results/bench.{json,md,png}.
+# MLServer gets a virtualenv of its own (never a dependency of the package).
+# BENCH_ARGS narrows a run, e.g. BENCH_ARGS="--servers ours,fastapi --duration 5 --no-levers".
+MLSERVER_VENV := bench/.mlserver-venv
+BENCH_ARGS ?=
+$(MLSERVER_VENV)/.installed: bench/mlserver-requirements.txt
+	test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV) || python3 -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install --quiet --upgrade pip
+	$(MLSERVER_VENV)/bin/pip install --quiet -r bench/mlserver-requirements.txt
+	touch $@
+
+bench: $(STAMP) $(MLSERVER_VENV)/.installed
+	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
+	$(BIN)/python -m bench.harness $(BENCH_ARGS)
 
 # The image's pinned, hash-checked dependencies (and the build backend): regenerate after
 # editing pyproject.toml's dependencies. uv resolves against PyPI, for every platform.

@@ -1,0 +1,272 @@
+"""The model-server benchmark: our server against a hand-rolled FastAPI app, MLServer and a
+tutorial-style Ray Serve app, on the same models, in one run on this machine.
+
+    make bench                                  # everything (~20 min); or, e.g.:
+    .venv/bin/python -m bench.harness --servers ours,fastapi --workloads xgb-1 --duration 3
+
+Per server, per workload (bench/workloads.py), per concurrency: a warm-up wrk run, then a
+measured one (bench/loadgen.py). The in-process predict rate of each workload is the limit
+(bench/inprocess.py). Then the levers: our server again with one change each (ingress,
+access log, batching, handle hop, replicas) on single-row XGBoost. Results: bench.json,
+bench.md (table, ratios against FastAPI, goals) and bench.png in ``--out``.
+
+Servers run one at a time, each on free ports; each Ray gets its own temp dir and is stopped
+through it, so nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import yaml
+
+from bench import inprocess, launch, loadgen, report
+from bench.model_export import export_model
+from bench.workloads import WORKLOADS, Request, Workload, features, instances, npy, v2_binary, v2_json
+from serve_app.store import ModelStore
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "serve_config.yaml"
+SERVERS = ("fastapi", "mlserver", "ours", "ray-naive")
+MLSERVER_VENV = ROOT / "bench" / ".mlserver-venv"
+
+
+# -- the request each server's protocol makes of a workload (None: the server has no such format)
+def request_for(server: str, workload: Workload, binary_format: str = "v2") -> Request | None:
+    X = features(workload.model, workload.rows)
+    if server == "ours":
+        if not workload.binary:
+            return v2_json(workload.model, X)
+        return v2_binary(workload.model, X) if binary_format == "v2" else npy(f"/v2/models/{workload.model}/infer", X)
+    if server == "fastapi":
+        return npy(f"/predict_npy/{workload.model}", X) if workload.binary else instances(f"/predict/{workload.model}", X)
+    if server == "mlserver":
+        return None if workload.binary else v2_json(workload.model, X)  # MLServer's REST takes JSON only
+    if server == "ray-naive":
+        return None if workload.binary else instances(f"/{workload.model}", X)
+    raise ValueError(server)
+
+
+# -- our server's config, and the levers: one change each ------------------------------------
+def our_config(store: Path) -> dict:
+    """The shipped config; only the store differs (models are trained before the run)."""
+    config = copy.deepcopy(yaml.safe_load(CONFIG.read_text()))
+    args = config["applications"][0]["args"]
+    args.update(store=str(store), train_if_missing=False)
+    return config
+
+
+def _models(config: dict) -> list[dict]:
+    return config["applications"][0]["args"]["models"]
+
+
+def _ingress(config: dict) -> dict:
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == "ModelServer")
+
+
+def access_log_off(config: dict) -> None:
+    config["logging_config"]["enable_access_log"] = False
+
+
+def batching(size: int, wait_s: float) -> Callable[[dict], None]:
+    def change(config: dict) -> None:
+        for model in _models(config):
+            model.update(max_batch_size=size, batch_wait_timeout_s=wait_s)
+    return change
+
+
+def replicas(n: int) -> Callable[[dict], None]:
+    def change(config: dict) -> None:
+        ingress = _ingress(config)
+        ingress.pop("autoscaling_config", None)
+        ingress["num_replicas"] = n
+    return change
+
+
+def dedicated(config: dict) -> None:
+    """breast-cancer in a deployment of its own: one DeploymentHandle hop per request."""
+    next(m for m in _models(config) if m["name"] == "breast-cancer")["dedicated"] = True
+
+
+@dataclass(frozen=True)
+class Lever:
+    name: str
+    change: Callable[[dict], None] | None = None
+    ha_proxy: bool = True
+    binary_format: str = "v2"
+    workloads: tuple[str, ...] = ("xgb-1",)
+
+
+LEVERS = (
+    Lever("Ray's default proxy instead of HAProxy + direct ingress", ha_proxy=False),
+    Lever("access log off", access_log_off),
+    Lever("no batching (max_batch_size 1)", batching(1, 0.0)),
+    Lever("batch wait 10 ms (shipped: 2 ms)", batching(32, 0.010)),
+    Lever("model behind a DeploymentHandle (dedicated)", dedicated),
+    Lever("1 ingress replica (shipped: autoscaling 1-4, 2 at start)", replicas(1)),
+    Lever("2 ingress replicas", replicas(2)),
+    Lever("4 ingress replicas", replicas(4)),
+    Lever("application/x-npy instead of the V2 binary extension", binary_format="npy",
+          workloads=("xgb-1000-binary",)),
+)
+
+
+# -- running cells ------------------------------------------------------------------------------
+class Run:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out: Path = args.out
+        self.scripts = self.out / "scripts"
+        self.logs = self.out / "logs"
+        for folder in (self.scripts, self.logs):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        self.cells: list[dict] = []
+        self.levers: list[dict] = []
+
+    def measure(self, server: str, url: str, workload: Workload, concurrency: int, request: Request,
+                label: str) -> dict:
+        check = httpx.post(url + request.path, content=request.body, headers=request.headers, timeout=60)
+        if check.status_code != 200:  # a wrong request would measure error pages
+            raise RuntimeError(f"{label} {workload.key}: {check.status_code} {check.text[:500]}")
+        script = loadgen.write_script(request, self.scripts, f"{label}-{workload.key}".replace(" ", "_")[:80])
+        result = loadgen.measure(url + request.path, script, concurrency, self.args.duration, self.args.warmup)
+        cell = {"server": server, "workload": workload.key, "rows": workload.rows, "concurrency": concurrency,
+                "bytes_per_request": len(request.body), **result, "rows_per_s": result["rps"] * workload.rows,
+                "load_avg_1m": round(os.getloadavg()[0], 2)}
+        print(f"  {label:<40} {workload.key:<16} c={concurrency:<3} {result['rps']:>8.0f} req/s "
+              f"p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms  errors "
+              f"{result['non_2xx'] + result['socket_errors']}  (load {cell['load_avg_1m']})", flush=True)
+        return cell
+
+    def server_cells(self, server: str, url: str) -> None:
+        for key in self.args.workloads:
+            workload = WORKLOADS[key]
+            request = request_for(server, workload)
+            if request is None:
+                continue
+            for concurrency in self.args.concurrency:
+                self.cells.append(self.measure(server, url, workload, concurrency, request, server))
+
+    def lever_cells(self, lever: Lever, url: str) -> None:
+        for key in lever.workloads:
+            if key not in self.args.workloads:
+                continue
+            workload = WORKLOADS[key]
+            request = request_for("ours", workload, lever.binary_format)
+            for concurrency in self.args.lever_concurrency:
+                cell = self.measure("ours", url, workload, concurrency, request, lever.name[:40])
+                self.levers.append({"lever": lever.name, **cell})
+
+
+def run_ray_servers(run: Run, store: Path, model_dir: Path) -> None:
+    """Ours (and its levers) on a Ray with the HAProxy fast path, then the naive app (and our
+    server behind the same default proxy) on a Ray with Serve's defaults."""
+    args = run.args
+    levers = [lever for lever in LEVERS if args.levers and (lever.change or lever.binary_format != "v2")]
+    if "ours" in args.servers or levers:
+        with launch.ray_cluster(ha_proxy=True, work=run.logs) as cluster:
+            if "ours" in args.servers:
+                print("ours (shipped config, HAProxy + direct ingress)", flush=True)
+                with launch.serve_run(cluster, our_config(store), run.logs / "ours.log") as url:
+                    run.server_cells("ours", url)
+                    for lever in (lv for lv in levers if lv.change is None):  # same deployment
+                        run.lever_cells(lever, url)
+            for i, lever in enumerate(lv for lv in levers if lv.change is not None):
+                print(f"lever: {lever.name}", flush=True)
+                config = our_config(store)
+                lever.change(config)
+                with launch.serve_run(cluster, config, run.logs / f"lever-{i}.log") as url:
+                    run.lever_cells(lever, url)
+    default_proxy_lever = next((lv for lv in LEVERS if not lv.ha_proxy), None) if args.levers else None
+    if "ray-naive" in args.servers or default_proxy_lever:
+        with launch.ray_cluster(ha_proxy=False, work=run.logs) as cluster:
+            if "ray-naive" in args.servers:
+                print("ray-naive (tutorial-style deployment, Serve defaults)", flush=True)
+                config = {"applications": [
+                    {"name": f"naive-{m}", "route_prefix": f"/{m}", "import_path": "bench.servers.ray_naive:app",
+                     "args": {"model_dir": str(model_dir), "model": m}} for m in ("breast-cancer", "iris")]}
+                with launch.serve_run(cluster, config, run.logs / "ray-naive.log") as url:
+                    run.server_cells("ray-naive", url)
+            if default_proxy_lever:
+                print(f"lever: {default_proxy_lever.name}", flush=True)
+                with launch.serve_run(cluster, our_config(store), run.logs / "lever-default-proxy.log") as url:
+                    run.lever_cells(default_proxy_lever, url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    csv = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
+    parser.add_argument("--servers", type=csv, default=list(SERVERS), help=f"subset of {','.join(SERVERS)}")
+    parser.add_argument("--workloads", type=csv, default=list(WORKLOADS), help=f"subset of {','.join(WORKLOADS)}")
+    parser.add_argument("--concurrency", type=lambda t: [int(c) for c in csv(t)], default=[1, 16, 64])
+    parser.add_argument("--lever-concurrency", type=lambda t: [int(c) for c in csv(t)], default=[16, 64])
+    parser.add_argument("--no-levers", dest="levers", action="store_false")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before each cell, not recorded")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--mlserver-venv", type=Path, default=MLSERVER_VENV)
+    args = parser.parse_args(argv)
+    for name, chosen, known in (("server", args.servers, SERVERS), ("workload", args.workloads, WORKLOADS)):
+        if set(chosen) - set(known):
+            parser.error(f"unknown {name}(s) {sorted(set(chosen) - set(known))}")
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (make bench installs it: apt-get install wrk)")
+    if "mlserver" in args.servers and not (args.mlserver_venv / "bin" / "mlserver").exists():
+        sys.exit(f"no MLServer in {args.mlserver_venv} (make bench creates it from bench/mlserver-requirements.txt)")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    started = time.monotonic()
+    results = {"meta": {"started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                        "cores": os.cpu_count(), "duration_s": args.duration, "warmup_s": args.warmup,
+                        "concurrency": args.concurrency, "load_before": os.getloadavg()}}
+    run = Run(args)
+
+    # The same trained models for everyone: our store, and its export for the others.
+    from serve_app.train import ensure_models
+
+    store_path, model_dir = args.out / "model_store", args.out / "models"
+    store = ModelStore(str(store_path))
+    models = sorted({WORKLOADS[w].model for w in args.workloads})
+    ensure_models(store, sorted({*models, *(m["name"] for m in _models(our_config(store_path)))}))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    for model in models:
+        export_model(store, model, model_dir, max_batch_size=32, max_batch_time_s=0.002)
+
+    print("in-process limits", flush=True)
+    results["in_process"] = {key: inprocess.predict_rate(store, WORKLOADS[key].model, WORKLOADS[key].rows)
+                             for key in args.workloads}
+    if args.levers and any(WORKLOADS[k].rows > 1 for k in args.workloads):
+        results["codecs"] = inprocess.codec_costs(store, "breast-cancer", 1000)
+
+    for server in ("fastapi", "mlserver"):
+        if server in args.servers:
+            print(server, flush=True)
+            with ExitStack() as stack:
+                log = run.logs / f"{server}.log"
+                url = stack.enter_context(launch.fastapi_server(model_dir, log) if server == "fastapi"
+                                          else launch.mlserver(args.mlserver_venv, model_dir, log))
+                run.server_cells(server, url)
+    run_ray_servers(run, store_path, model_dir)
+
+    results["meta"].update(load_after=os.getloadavg(), wall_s=round(time.monotonic() - started))
+    results["cells"], results["levers"] = run.cells, run.levers
+    report.write(results, args.out)
+    print(report.markdown(results))
+    print(f"results: {args.out}/bench.{{json,md,png}} ({results['meta']['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Starting each benchmarked server on free ports, and stopping it without touching anything else.
+
+The machine is shared: every local Ray gets its own ``--temp-dir`` (and is stopped through it,
+never with a global ``ray stop``), its own ports, its own HAProxy files; plain processes run in
+their own process group and are ended through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ContextManager, Iterator
+
+import httpx
+import yaml
+
+from serve_app.localserve import (HAPROXY_RETRY_ON, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
+                                  stop_ray_cluster, wait_ready)
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+READY_TIMEOUT_S = 300  # a loaded 2-core machine starts Ray and replicas slowly
+RAY_START_ATTEMPTS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    gcs_address: str
+    dashboard_url: str
+    http_port: int
+    env: dict[str, str]
+    temp_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+@contextmanager
+def ray_cluster(ha_proxy: bool, work: Path) -> Iterator[RayCluster]:
+    """A local Ray head; ``ha_proxy`` picks the ingress: HAProxy + direct ingress (our fast path)
+    or Ray Serve's default Python proxy (what a Serve app gets without configuration)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"))  # short: socket paths
+    gcs, dashboard, metrics, http = (free_port() for _ in range(4))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    if ha_proxy:
+        env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", **haproxy_paths(temp_dir),
+                    "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                    "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                    "RAY_SERVE_HAPROXY_RETRY_ON": os.environ.get("RAY_SERVE_HAPROXY_RETRY_ON", HAPROXY_RETRY_ON),
+                    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+                    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port())})
+    else:
+        env.update({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"})
+    log = open(work / f"ray-start-{temp_dir.name}.log", "w")
+    try:
+        command = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                   f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}",
+                   f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+        for attempt in range(RAY_START_ATTEMPTS):
+            # `ray start` gives its raylet a fixed 30 s to register: a busy machine can miss that.
+            if subprocess.run(command, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT).returncode == 0:
+                break
+            stop_ray_cluster(temp_dir)
+        else:
+            raise RuntimeError(f"ray start failed {RAY_START_ATTEMPTS} times; see {log.name}")
+        yield RayCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", http, env, temp_dir)
+    finally:
+        stop_ray_cluster(temp_dir)  # this cluster only
+        if ha_proxy:
+            stop_orphaned_haproxy(http)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        log.close()
+
+
+def _applications(cluster: RayCluster) -> dict:
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    response = httpx.get(f"{cluster.dashboard_url}/api/serve/applications/", timeout=10,
+                         headers={"Authorization": f"Bearer {token}"})
+    response.raise_for_status()
+    return response.json().get("applications") or {}
+
+
+@contextmanager
+def serve_run(cluster: RayCluster, config: dict, log_path: Path) -> Iterator[str]:
+    """``serve run`` of a Serve config on ``cluster``; yields the base URL once every
+    application is RUNNING (all its replicas up), and tears the applications down after."""
+    config = {**config, "http_options": {**config.get("http_options", {}), "host": "127.0.0.1",
+                                         "port": cluster.http_port}}
+    config_path = log_path.with_suffix(".yaml")
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    names = {app["name"] for app in config["applications"]}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(BIN / "serve"), "run", "--address", cluster.gcs_address, str(config_path)],
+                                env=cluster.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"serve run exited with {proc.returncode}; see {log_path}")
+                try:
+                    apps = _applications(cluster)
+                    if names <= set(apps) and all(apps[n]["status"] == "RUNNING" for n in names):
+                        break
+                except (httpx.HTTPError, KeyError, ValueError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"applications {sorted(names)} not RUNNING after {READY_TIMEOUT_S} s")
+                time.sleep(1)
+            yield cluster.url
+        finally:
+            stop_process_group(proc, timeout=90)  # Ctrl-C: serve run deletes its applications
+
+
+@contextmanager
+def process_server(command: list[str], env: dict, ready_path: str, port: int, log_path: Path) -> Iterator[str]:
+    """A server process in its own process group; yields its URL once ``ready_path`` answers 200."""
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, env=env, cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_ready(url + ready_path, proc, timeout=READY_TIMEOUT_S)
+            yield url
+        finally:
+            stop_process_group(proc, timeout=30)
+
+
+def fastapi_server(model_dir: Path, log_path: Path) -> ContextManager[str]:
+    """The hand-rolled baseline: one uvicorn process with uvicorn's defaults (its access log
+    on, like our shipped config's), see bench/servers/fastapi_baseline.py."""
+    port = free_port()
+    env = {**os.environ, "BENCH_MODEL_DIR": str(model_dir), "PYTHONPATH": str(ROOT)}
+    command = [str(BIN / "uvicorn"), "bench.servers.fastapi_baseline:app", "--host", "127.0.0.1",
+               "--port", str(port)]
+    return process_server(command, env, "/docs", port, log_path)
+
+
+def mlserver(venv: Path, model_dir: Path, log_path: Path) -> ContextManager[str]:
+    """MLServer from its own virtualenv, serving ``model_dir`` (model folders with their
+    model-settings.json), defaults except ports."""
+    port = free_port()
+    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port(), "metrics_port": free_port()}
+    (model_dir / "settings.json").write_text(json.dumps(settings))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return process_server([str(venv / "bin" / "mlserver"), "start", str(model_dir)], env,
+                          "/v2/health/ready", port, log_path)
