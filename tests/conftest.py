@@ -111,6 +111,10 @@ def make_test_config(store: Path, port: int, api_token: str) -> dict:
     for model in app["args"]["models"]:
         if model["name"] == "breast-cancer":
             model["drift"] = {"window_rows": 300, "min_rows": 100, "interval_s": 1}
+    # Two ingress replicas throughout (no downscaling mid-suite): the replica-kill test needs
+    # a survivor, and deployment status stays HEALTHY for the metric assertions.
+    ingress = next(d for d in app["deployments"] if d["name"] == "ModelServer")
+    ingress["autoscaling_config"].update(min_replicas=2, initial_replicas=2)
     diabetes = next(d for d in app["deployments"] if d["name"] == "model-diabetes")
     diabetes["autoscaling_config"].update(
         min_replicas=1, max_replicas=2, target_ongoing_requests=2,
