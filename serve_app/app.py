@@ -28,6 +28,7 @@ from starlette.responses import Response
 
 from serve_app import __version__, auth, telemetry
 from serve_app.codecs import binary, v1, v2
+from serve_app.codecs.tensors import EXPLANATION_OUTPUTS
 from serve_app.config import AppConfig
 from serve_app.errors import (BadInput, InferenceError, InferenceTimeout, ModelNotFoundError, PayloadTooLarge,
                               Unauthorized, UnsupportedMediaType)
@@ -61,12 +62,31 @@ def error_response(status_code: int, message: str, reason: str | None = None) ->
 
 
 class RemoteWorker:
-    """A dedicated model seen from the ingress: same ``infer`` as :class:`ModelWorker`."""
+    """A dedicated model seen from the ingress: same ``infer`` as :class:`ModelWorker`.
 
-    def __init__(self, meta: ModelMetadata, accepts_missing: bool, handle: DeploymentHandle, spec):
+    The dedicated deployment can roll to another model version while this ingress lives on
+    (a config change to ``model-<name>`` alone), and during the rollout old and new replicas
+    answer side by side. So each answer says which version computed it, and is described with
+    that version's metadata (read once per version), never with the version this ingress
+    started with.
+    """
+
+    def __init__(self, meta: ModelMetadata, accepts_missing: bool, handle: DeploymentHandle, spec,
+                 store: ModelStore):
         self.meta, self.accepts_missing, self._handle, self.spec = meta, accepts_missing, handle, spec
+        self._store = store
+        self._metas = {meta.version: meta}
 
     async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        results = await self._call(X, outputs)
+        version = results["model_version"]
+        if version not in self._metas:
+            self._metas[version] = await asyncio.get_running_loop().run_in_executor(
+                None, self._store.read_metadata, self.meta.name, version)
+        self.meta = results["model_meta"] = self._metas[version]  # the newest answer describes the model
+        return results
+
+    async def _call(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict:
         try:
             return await self._handle.infer.remote(X, outputs)
         except RayTaskError as exc:
@@ -93,7 +113,9 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> Response
     return error_response(400, str(exc.errors()))
 
 
-@serve.deployment(name="ModelServer", max_ongoing_requests=64)
+# max_surge_percent: a rolling update starts a new replica before it stops an old one, so a
+# one-replica deployment is never empty mid-rollout (requests would queue ~10 s otherwise).
+@serve.deployment(name="ModelServer", max_ongoing_requests=64, max_surge_percent=25)
 @serve.ingress(api)
 class ModelServer:
     def __init__(self, config: dict, dedicated: dict[str, DeploymentHandle] | None = None):
@@ -104,7 +126,7 @@ class ModelServer:
             if spec.dedicated:
                 meta = store.read_metadata(spec.name, spec.version)
                 accepts = runtime_for(meta.framework).accepts_missing
-                self.workers[spec.name] = RemoteWorker(meta, accepts, dedicated[spec.name], spec)
+                self.workers[spec.name] = RemoteWorker(meta, accepts, dedicated[spec.name], spec, store)
             else:
                 self.workers[spec.name] = ModelWorker.from_store(store, spec)
         self._token = auth.configured_token()
@@ -128,7 +150,7 @@ class ModelServer:
 
     async def _json_body(self, request: Request) -> Any:
         content_type = _content_type(request)
-        if content_type not in ("application/json", "") and not content_type.endswith("+json"):
+        if content_type != "application/json" and not content_type.endswith("+json"):  # a missing header means JSON
             raise UnsupportedMediaType(f"content type {content_type!r} is not supported; send application/json")
         body = await self._body(request)
         try:
@@ -157,6 +179,14 @@ class ModelServer:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
+
+    @staticmethod
+    def _answered_by(request: Request, worker, results: dict) -> ModelMetadata:
+        """The metadata of the model version that computed ``results`` (it labels the answer
+        and the request's metrics)."""
+        meta = results.get("model_meta", worker.meta)
+        request.state.model_version = meta.version
+        return meta
 
     def _authenticate(self, request: Request) -> None:
         if self._token is not None and not auth.authorized(request.headers.get("authorization"), self._token):
@@ -190,7 +220,8 @@ class ModelServer:
                              extra={"model": name, "protocol": protocol, "status_code": 500})
             response = error_response(500, "internal error; see server logs")
         # Only served names become label values: arbitrary URLs must not create metric series.
-        model, version = (name, worker.meta.version) if worker else (telemetry.UNKNOWN_MODEL, "")
+        model, version = ((name, getattr(request.state, "model_version", worker.meta.version)) if worker
+                          else (telemetry.UNKNOWN_MODEL, ""))
         telemetry.request_done(model, version, protocol, response.status_code, time.perf_counter() - started,
                                reason if response.status_code < 500 else None)
         return response
@@ -216,7 +247,19 @@ class ModelServer:
         async def work():
             worker = self._worker(name)
             X, output = v1.decode_request(await self._json_body(request), worker.meta, worker.accepts_missing)
-            return v1.encode_response(await worker.infer(X, (output,)), output)
+            results = await worker.infer(X, (output,))
+            self._answered_by(request, worker, results)
+            return v1.encode_response(results, output)
+        return await self._handle(request, "v1", name, work)
+
+    @api.post("/v1/models/{name}:explain", tags=["V1"], openapi_extra=V1_REQUEST)
+    async def v1_explain(self, name: str, request: Request) -> Response:
+        """Per-feature contributions to the model's margin, per row (README "Explanations")."""
+        async def work():
+            worker = self._worker(name)
+            X, _ = v1.decode_request(await self._json_body(request), worker.meta, worker.accepts_missing)
+            results = await worker.infer(X, EXPLANATION_OUTPUTS)
+            return v1.encode_explanation(results, self._answered_by(request, worker, results))
         return await self._handle(request, "v1", name, work)
 
     # -- Open Inference Protocol V2 ------------------------------------------------------------
@@ -254,7 +297,9 @@ class ModelServer:
             worker = self._worker(name, version)
             body, binary_outputs = await self._v2_body(request)
             X, outputs, request_id = v2.decode_request(body, worker.meta, worker.accepts_missing)
-            response = v2.encode_response(worker.meta, await worker.infer(X, outputs), outputs, request_id)
+            results = await worker.infer(X, outputs)
+            response = v2.encode_response(self._answered_by(request, worker, results), results, outputs,
+                                          request_id)
             if not binary_outputs:
                 return response
             content, header_length = binary.encode_response(response, binary_outputs)

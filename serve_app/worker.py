@@ -112,8 +112,11 @@ class ModelWorker:
         if self.drift.due():
             self._start_drift_update()
         if any(o in EXPLANATION_OUTPUTS for o in outputs):
-            return await self._infer_with_explanation(X, outputs)
-        return await self._predict(X, outputs)
+            results = await self._infer_with_explanation(X, outputs)
+        else:
+            results = await self._predict(X, outputs)
+        results["model_version"] = self.meta.version  # which version answered (see RemoteWorker)
+        return results
 
     async def _predict(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         if X.shape[0] >= self.spec.max_batch_size:
@@ -165,7 +168,8 @@ class ModelWorker:
         asyncio.get_running_loop().run_in_executor(None, run)
 
 
-@serve.deployment(name="DedicatedModel", max_ongoing_requests=64)
+# max_surge_percent: start the new replica before stopping the old one (see ModelServer).
+@serve.deployment(name="DedicatedModel", max_ongoing_requests=64, max_surge_percent=25)
 class DedicatedModel:
     """A model in a deployment of its own, reached from the ingress by a handle.
 
