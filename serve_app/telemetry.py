@@ -98,9 +98,19 @@ def _objects():
 _failure_logged = False
 
 
+def _in_replica() -> bool:
+    """Metrics come from Serve replicas only: a driver (a test, a notebook) that builds a
+    ModelWorker must not export series that look like a served model's."""
+    from ray.serve import context
+
+    return context._get_internal_replica_context() is not None
+
+
 def _emit(fn) -> None:
     global _failure_logged
     try:
+        if not _in_replica():
+            return
         fn(_objects())
     except Exception:  # metrics must never fail a request, but a broken metric must be seen (once)
         if not _failure_logged:

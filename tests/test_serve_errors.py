@@ -37,6 +37,8 @@ CASES = [
      b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [Infinity, 1, 2, 3]}]}', JSON, 400, "malformed JSON"),
     ("number too large for float64", "POST", "/v1/models/iris:predict", b'{"instances": [[1e999, 1, 2, 3]]}', JSON, 400, ""),
     ("wrong content type", "POST", "/v1/models/iris:predict", b'instances=1', {"content-type": "text/plain"}, 415, "content type"),
+    ("content type without a media type", "POST", "/v1/models/iris:predict", b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}',
+     {"content-type": "; charset=utf-8"}, 415, "content type"),
     ("body not a JSON object", "POST", "/v1/models/iris:predict", [1, 2], JSON, 400, "instances"),
     ("wrong feature count (V1)", "POST", "/v1/models/iris:predict", {"instances": [[1, 2, 3]]}, JSON, 400, "expected 4 features"),
     ("ragged rows", "POST", "/v1/models/iris:predict", {"instances": [IRIS_ROW, [1, 2]]}, JSON, 400, "different lengths"),
@@ -90,7 +92,7 @@ CASES = [
 REASONS = {
     "malformed JSON": "malformed_json", "NaN literal (not JSON)": "malformed_json",
     "Infinity literal (not JSON)": "malformed_json", "number too large for float64": "malformed_json",
-    "wrong content type": "unsupported_media_type", "body not a JSON object": "invalid_request",
+    "wrong content type": "unsupported_media_type", "content type without a media type": "unsupported_media_type", "body not a JSON object": "invalid_request",
     "wrong feature count (V1)": "wrong_shape", "ragged rows": "wrong_shape",
     "unknown feature name": "feature_names", "missing feature name": "feature_names",
     "non-numeric string": "wrong_type", "null for a model without missing-value support": "missing_value",
