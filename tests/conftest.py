@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +96,53 @@ class ServeCluster:
             value for key, value in self.metric_samples(name).items()
             if all(dict(key).get(k) == v for k, v in labels.items())
         )
+
+
+@dataclass
+class Outcome:
+    at: float           # time.monotonic() when the answer (or the error) came
+    status: int         # 0 when the request failed without an HTTP answer
+    body: dict | None   # the JSON answer, when there was one
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+class SteadyLoad:
+    """``clients`` threads sending the same POST in a loop until the ``with`` block ends: the
+    load under which the reliability tests kill replicas and nodes or redeploy. ``outcomes``
+    grows as answers come."""
+
+    def __init__(self, url: str, path: str, body: dict, headers: dict | None = None, clients: int = 4):
+        self.url, self.path, self.body, self.headers, self.clients = url, path, body, headers or {}, clients
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30, headers=self.headers) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post(self.path, json=self.body)
+                    body = response.json() if response.headers.get("content-type", "").startswith(
+                        "application/json") else None
+                    self.outcomes.append(Outcome(time.monotonic(), response.status_code, body))
+                except httpx.HTTPError:
+                    self.outcomes.append(Outcome(time.monotonic(), 0, None))
+
+    def __enter__(self) -> "SteadyLoad":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def since(self, at: float) -> list[Outcome]:
+        return [o for o in self.outcomes if o.at >= at]
 
 
 def make_test_config(store: Path, port: int, api_token: str) -> dict:

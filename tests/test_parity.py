@@ -35,7 +35,7 @@ import pytest
 import yaml
 from sklearn import datasets
 
-from conftest import free_port, require_tool
+from conftest import SteadyLoad, free_port, require_tool
 from serve_app import manifests
 from serve_app.localserve import haproxy_paths, stop_orphaned_haproxy, stop_ray_cluster
 from serve_app.runtimes import load_runtime
@@ -319,8 +319,6 @@ def test_losing_a_worker_node_under_load_reschedules_its_replicas(prod_like):
     """Kill every process of one worker node (raylet, agents, replicas, HAProxy) while clients
     send requests through the head's ingress: the replicas come back on the surviving worker and
     serving goes on. Errors and recovery time are printed (README "Reliability and security")."""
-    import threading
-
     import psutil
 
     workers = prod_like.nodes[1:]
@@ -335,46 +333,30 @@ def test_losing_a_worker_node_under_load_reschedules_its_replicas(prod_like):
     victim_processes = _node_processes(victim)
     assert victim_processes, "found no process of the victim node"
 
-    outcomes: list[tuple[float, bool]] = []
-    stop = threading.Event()
     row = DATASETS["iris"]().data[:1].tolist()
+    head = f"http://127.0.0.1:{prod_like.nodes[0].serve_port}"
+    with SteadyLoad(head, "/v1/models/iris:predict", {"instances": row}) as load:
+        time.sleep(3)
+        killed_at = time.monotonic()
+        for proc in victim_processes:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        with prod_like.api() as api:
+            _wait("the lost node's replicas rescheduled on the survivor",
+                  lambda: len(_alive_nodes(api)) == len(prod_like.nodes) - 1
+                  and all(len(nodes) >= len(before[name]) for name, nodes in _replica_nodes(api).items()))
+            recovered_at = time.monotonic()
+            after = _replica_nodes(api)
+            survivors = {n["node_id"] for n in _alive_nodes(api)}
+        time.sleep(5)
 
-    def load():
-        with httpx.Client(base_url=f"http://127.0.0.1:{prod_like.nodes[0].serve_port}", timeout=30) as client:
-            while not stop.is_set():
-                try:
-                    ok = client.post("/v1/models/iris:predict", json={"instances": row}).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                outcomes.append((time.monotonic(), ok))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(3)
-    killed_at = time.monotonic()
-    for proc in victim_processes:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    with prod_like.api() as api:
-        _wait("the lost node's replicas rescheduled on the survivor",
-              lambda: len(_alive_nodes(api)) == len(prod_like.nodes) - 1
-              and all(len(nodes) >= len(before[name]) for name, nodes in _replica_nodes(api).items()))
-        recovered_at = time.monotonic()
-        after = _replica_nodes(api)
-        survivors = {n["node_id"] for n in _alive_nodes(api)}
-    time.sleep(5)
-    stop.set()
-    for t in threads:
-        t.join()
-
-    window = [ok for at, ok in outcomes if at >= killed_at]
-    failed = window.count(False)
-    last_failure = max((at for at, ok in outcomes if not ok), default=killed_at)
+    window = load.since(killed_at)
+    failed = sum(not o.ok for o in window)
+    last_failure = max((o.at for o in window if not o.ok), default=killed_at)
     print(f"\nnode loss: {failed}/{len(window)} requests failed; last failure {last_failure - killed_at:.1f} s "
           f"after the kill; replicas back to strength {recovered_at - killed_at:.1f} s after it")
     assert all(set(nodes) <= survivors for nodes in after.values()), after
-    assert window[-20:] == [True] * 20, "serving did not recover"
+    assert all(o.ok for o in window[-20:]), "serving did not recover"
 

@@ -5,14 +5,13 @@ killed replica under load (failed requests counted, replacement observed)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import httpx
 import pytest
 from sklearn.datasets import load_breast_cancer
 
-from conftest import GUARDED
+from conftest import GUARDED, SteadyLoad
 from serve_app.config import ModelSpec
 from serve_app.runtimes import load_runtime
 from serve_app.store import ModelStore
@@ -108,41 +107,24 @@ def test_killed_replica_is_replaced_and_few_requests_fail(serve_cluster):
 
     before = ingress_replicas()
     assert len(before) >= 2, f"need two ingress replicas to kill one: {before}"
-    results: list[tuple[float, bool]] = []
-    stop = threading.Event()
+    with SteadyLoad(serve_cluster.url, "/v1/models/iris:predict", BODY) as load:
+        time.sleep(3)
+        victim = sorted(before)[0]
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        replaced_at = None
+        deadline = killed_at + 120
+        while time.monotonic() < deadline:
+            now = ingress_replicas()
+            if victim not in now and now - before:
+                replaced_at = time.monotonic()
+                break
+            time.sleep(0.5)
+        time.sleep(10)  # keep the load on after the replacement: the window is kill + 10 s
 
-    def load():
-        with httpx.Client(base_url=serve_cluster.url, timeout=10) as client:
-            while not stop.is_set():
-                try:
-                    ok = client.post("/v1/models/iris:predict", json=BODY).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                results.append((time.monotonic(), ok))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(3)
-    victim = sorted(before)[0]
-    killed_at = time.monotonic()
-    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    replaced_at = None
-    deadline = killed_at + 120
-    while time.monotonic() < deadline:
-        now = ingress_replicas()
-        if victim not in now and now - before:
-            replaced_at = time.monotonic()
-            break
-        time.sleep(0.5)
-    time.sleep(10)  # keep the load on after the replacement: the window is kill + 10 s
-    stop.set()
-    for t in threads:
-        t.join()
-
-    window = [ok for at, ok in results if at >= killed_at]
-    failed = window.count(False)
-    last_failure = max((at for at, ok in results if not ok), default=killed_at)
+    window = load.since(killed_at)
+    failed = sum(not o.ok for o in window)
+    last_failure = max((o.at for o in window if not o.ok), default=killed_at)
     print(f"\nreplica kill: {failed}/{len(window)} failed requests after the kill "
           f"({100 * failed / max(len(window), 1):.2f}%), last failure {last_failure - killed_at:.1f} s "
           f"after it, replacement replica up after {(replaced_at or float('nan')) - killed_at:.1f} s")
@@ -167,37 +149,22 @@ def test_redeploying_a_new_version_under_load_loses_no_request(serve_cluster):
     train_model("iris", store, version="2", C=0.5)
     headers = bearer(serve_cluster.api_token)
     body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": IRIS_ROW}]}
-    outcomes: list[tuple[int, str]] = []
-    stop = threading.Event()
+    with SteadyLoad(serve_cluster.url + GUARDED, "/v2/models/iris/infer", body, headers) as load:
+        time.sleep(2)
+        config = copy.deepcopy(serve_cluster.config)
+        changed = next(a for a in config["applications"] if a["name"] == "guarded")
+        next(m for m in changed["args"]["models"] if m["name"] == "iris")["version"] = "2"
+        with serve_cluster.serve_api() as api:
+            assert api.put("/api/serve/applications/", json=config).status_code == 200
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (
+                len(load.outcomes) > 20 and all(o.ok and o.body["model_version"] == "2" for o in load.outcomes[-20:])):
+            time.sleep(0.5)
+        time.sleep(2)
 
-    def load():
-        with httpx.Client(base_url=serve_cluster.url + GUARDED, timeout=30, headers=headers) as client:
-            while not stop.is_set():
-                try:
-                    response = client.post("/v2/models/iris/infer", json=body)
-                    outcomes.append((response.status_code, response.json().get("model_version", "")))
-                except httpx.HTTPError as exc:
-                    outcomes.append((0, repr(exc)))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(2)
-    config = copy.deepcopy(serve_cluster.config)
-    changed = next(a for a in config["applications"] if a["name"] == "guarded")
-    next(m for m in changed["args"]["models"] if m["name"] == "iris")["version"] = "2"
-    with serve_cluster.serve_api() as api:
-        assert api.put("/api/serve/applications/", json=config).status_code == 200
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (len(outcomes) > 20 and all(v == "2" for _, v in outcomes[-20:])):
-        time.sleep(0.5)
-    time.sleep(2)
-    stop.set()
-    for t in threads:
-        t.join()
-
-    failures = [o for o in outcomes if o[0] != 200]
-    versions = [v for code, v in outcomes if code == 200]
+    outcomes = load.outcomes
+    failures = [o for o in outcomes if not o.ok]
+    versions = [o.body["model_version"] for o in outcomes if o.ok]
     print(f"\nredeploy: {len(outcomes)} requests, {len(failures)} failed; "
           f"{versions.count('1')} answered by v1, {versions.count('2')} by v2")
     assert failures == [], failures[:5]
