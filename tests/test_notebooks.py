@@ -19,6 +19,7 @@ import nbformat
 import psutil
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from conftest import ROOT, free_port
 from serve_app.localserve import HAPROXY_RETRY_ON, haproxy_paths
@@ -101,16 +102,31 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))  # the kernel, and Ray under it, inherit the environment
 
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
     try:
-        client.execute()
+        for attempt in (1, 2):
+            nb = nbformat.read(path, as_version=4)
+            client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                    resources={"metadata": {"path": str(path.parent)}})
+            try:
+                client.execute()
+                break
+            except CellExecutionError as exc:
+                # Ray waits a fixed 30 s for its own raylet to register; on a loaded 2-core
+                # machine ray.init can give up before that. Only this infrastructure failure
+                # earns one fresh retry (its half-started processes are ended first); any other
+                # failure, the notebook's own assertions included, fails the test.
+                if attempt == 2 or RAY_STARTUP_TIMEOUT not in str(exc):
+                    raise
+                _leftover_processes(ray_temp)
+            finally:
+                nbformat.write(nb, tmp_path / path.name)  # executed copy: outputs and plots
     finally:
-        nbformat.write(nb, tmp_path / path.name)  # executed copy, for a look at outputs and plots
         leftovers = _leftover_processes(ray_temp)
         shutil.rmtree(ray_temp, ignore_errors=True)
     assert not leftovers, f"{path.name} left processes running: {leftovers}"
+
+
+RAY_STARTUP_TIMEOUT = "The current node timed out during startup"
 
 
 def _leftover_processes(marker: str, grace_s: float = 15) -> list[str]:
