@@ -100,7 +100,7 @@ soak: $(STAMP)
 # Our server against hand-rolled FastAPI, MLServer and a tutorial-style Ray Serve app, plus
 # the levers (README "Performance"); ~20 min, results in bench/results/bench.{json,md,png}.
 # MLServer gets a virtualenv of its own (never a dependency of the package).
-# BENCH_ARGS narrows a run, e.g. BENCH_ARGS="--servers ours,fastapi --duration 5 --no-levers".
+# BENCH_ARGS narrows a run, e.g. BENCH_ARGS="--servers ours,fastapi --duration 5 --levers none".
 MLSERVER_VENV := bench/.mlserver-venv
 BENCH_ARGS ?=
 $(MLSERVER_VENV)/.installed: bench/mlserver-requirements.txt

@@ -2,7 +2,7 @@
 tutorial-style Ray Serve app, on the same models, in one run on this machine.
 
     make bench                                  # everything (~20 min); or, e.g.:
-    .venv/bin/python -m bench.harness --servers ours,fastapi --workloads xgb-1 --duration 3
+    .venv/bin/python -m bench.harness --servers ours,fastapi --workloads xgb-1 --duration 3 --levers none
 
 Per server, per workload (bench/workloads.py), per concurrency: a warm-up wrk run, then a
 measured one (bench/loadgen.py). The in-process predict rate of each workload is the limit
@@ -79,6 +79,15 @@ def access_log_off(config: dict) -> None:
     config["logging_config"]["enable_access_log"] = False
 
 
+def replica_env(**env_vars: str) -> Callable[[dict], None]:
+    """Environment variables for the application's replicas (Serve's runtime_env), e.g. Serve's
+    own logging switches, which replicas read when they start."""
+    def change(config: dict) -> None:
+        app = config["applications"][0]
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env_vars)
+    return change
+
+
 def batching(size: int, wait_s: float) -> Callable[[dict], None]:
     def change(config: dict) -> None:
         for model in _models(config):
@@ -91,6 +100,10 @@ def replicas(n: int) -> Callable[[dict], None]:
         ingress = _ingress(config)
         ingress.pop("autoscaling_config", None)
         ingress["num_replicas"] = n
+        # Logical CPUs are scheduling tokens: n replicas must fit Ray's count of the real cores
+        # beside the dedicated model's 0.25.
+        cores = os.cpu_count() or 2
+        ingress.setdefault("ray_actor_options", {})["num_cpus"] = min(0.5, (cores - 0.5) / n)
     return change
 
 
@@ -101,6 +114,7 @@ def dedicated(config: dict) -> None:
 
 @dataclass(frozen=True)
 class Lever:
+    key: str
     name: str
     change: Callable[[dict], None] | None = None
     ha_proxy: bool = True
@@ -108,18 +122,25 @@ class Lever:
     workloads: tuple[str, ...] = ("xgb-1",)
 
 
-LEVERS = (
-    Lever("Ray's default proxy instead of HAProxy + direct ingress", ha_proxy=False),
-    Lever("access log off", access_log_off),
-    Lever("no batching (max_batch_size 1)", batching(1, 0.0)),
-    Lever("batch wait 10 ms (shipped: 2 ms)", batching(32, 0.010)),
-    Lever("model behind a DeploymentHandle (dedicated)", dedicated),
-    Lever("1 ingress replica (shipped: autoscaling 1-4, 2 at start)", replicas(1)),
-    Lever("2 ingress replicas", replicas(2)),
-    Lever("4 ingress replicas", replicas(4)),
-    Lever("application/x-npy instead of the V2 binary extension", binary_format="npy",
+LEVERS = {lever.key: lever for lever in (
+    Lever("default-proxy", "Ray's default proxy instead of HAProxy + direct ingress", ha_proxy=False),
+    Lever("access-log-off", "access log off", access_log_off),
+    Lever("log-file-only", "access log to its file only (RAY_SERVE_LOG_TO_STDERR=0)",
+          replica_env(RAY_SERVE_LOG_TO_STDERR="0")),
+    # Our models already run off the event loop (serve_app/worker.py): Serve's own user-code
+    # thread is a second thread hop per request.
+    Lever("same-thread", "user code on the replica's loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)",
+          replica_env(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0")),
+    Lever("recommended", "both: access log to its file only + user code on the replica's loop",
+          replica_env(RAY_SERVE_LOG_TO_STDERR="0", RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0")),
+    Lever("no-batching", "no batching (max_batch_size 1)", batching(1, 0.0)),
+    Lever("batch-wait-10ms", "batch wait 10 ms (shipped: 2 ms)", batching(32, 0.010)),
+    Lever("handle-hop", "model behind a DeploymentHandle (dedicated)", dedicated),
+    Lever("replicas-1", "1 ingress replica (shipped: autoscaling 1-4, 2 at start)", replicas(1)),
+    Lever("replicas-4", "4 ingress replicas", replicas(4)),
+    Lever("npy", "application/x-npy instead of the V2 binary extension", binary_format="npy",
           workloads=("xgb-1000-binary",)),
-)
+)}
 
 
 # -- running cells ------------------------------------------------------------------------------
@@ -134,13 +155,16 @@ class Run:
             folder.mkdir(parents=True)
         self.cells: list[dict] = []
         self.levers: list[dict] = []
+        self.failures: list[dict] = []
+        self.ray_temp_dirs: list[str] = []  # recorded so a test can check nothing of them survives
 
     def measure(self, server: str, url: str, workload: Workload, concurrency: int, request: Request,
-                label: str) -> dict:
+                label: str, slug: str) -> dict:
+        """One cell; ``label`` names it in the progress lines, ``slug`` in file names."""
         check = httpx.post(url + request.path, content=request.body, headers=request.headers, timeout=60)
         if check.status_code != 200:  # a wrong request would measure error pages
             raise RuntimeError(f"{label} {workload.key}: {check.status_code} {check.text[:500]}")
-        script = loadgen.write_script(request, self.scripts, f"{label}-{workload.key}".replace(" ", "_")[:80])
+        script = loadgen.write_script(request, self.scripts, f"{slug}-{workload.key}")
         result = loadgen.measure(url + request.path, script, concurrency, self.args.duration, self.args.warmup)
         cell = {"server": server, "workload": workload.key, "rows": workload.rows, "concurrency": concurrency,
                 "bytes_per_request": len(request.body), **result, "rows_per_s": result["rps"] * workload.rows,
@@ -157,7 +181,16 @@ class Run:
             if request is None:
                 continue
             for concurrency in self.args.concurrency:
-                self.cells.append(self.measure(server, url, workload, concurrency, request, server))
+                self.cells.append(self.measure(server, url, workload, concurrency, request, server, server))
+
+    def lever_deployment(self, lever: Lever, cluster: launch.RayCluster, config: dict) -> None:
+        """Deploy one lever's config and measure it; a lever that fails is recorded, and the run goes on."""
+        try:
+            with launch.serve_run(cluster, config, self.logs / f"lever-{lever.key}.log") as url:
+                self.lever_cells(lever, url)
+        except Exception as exc:  # noqa: BLE001 - one broken variant must not lose a 20-minute run
+            print(f"  lever {lever.key} failed: {exc}", flush=True)
+            self.failures.append({"lever": lever.key, "error": str(exc)[:500]})
 
     def lever_cells(self, lever: Lever, url: str) -> None:
         for key in lever.workloads:
@@ -166,7 +199,7 @@ class Run:
             workload = WORKLOADS[key]
             request = request_for("ours", workload, lever.binary_format)
             for concurrency in self.args.lever_concurrency:
-                cell = self.measure("ours", url, workload, concurrency, request, lever.name[:40])
+                cell = self.measure("ours", url, workload, concurrency, request, lever.name[:40], lever.key)
                 self.levers.append({"lever": lever.name, **cell})
 
 
@@ -174,24 +207,26 @@ def run_ray_servers(run: Run, store: Path, model_dir: Path) -> None:
     """Ours (and its levers) on a Ray with the HAProxy fast path, then the naive app (and our
     server behind the same default proxy) on a Ray with Serve's defaults."""
     args = run.args
-    levers = [lever for lever in LEVERS if args.levers and (lever.change or lever.binary_format != "v2")]
+    chosen = [LEVERS[key] for key in args.levers]
+    levers = [lever for lever in chosen if lever.ha_proxy]
     if "ours" in args.servers or levers:
         with launch.ray_cluster(ha_proxy=True, work=run.logs) as cluster:
+            run.ray_temp_dirs.append(str(cluster.temp_dir))
             if "ours" in args.servers:
                 print("ours (shipped config, HAProxy + direct ingress)", flush=True)
                 with launch.serve_run(cluster, our_config(store), run.logs / "ours.log") as url:
                     run.server_cells("ours", url)
                     for lever in (lv for lv in levers if lv.change is None):  # same deployment
                         run.lever_cells(lever, url)
-            for i, lever in enumerate(lv for lv in levers if lv.change is not None):
+            for lever in (lv for lv in levers if lv.change is not None):
                 print(f"lever: {lever.name}", flush=True)
                 config = our_config(store)
                 lever.change(config)
-                with launch.serve_run(cluster, config, run.logs / f"lever-{i}.log") as url:
-                    run.lever_cells(lever, url)
-    default_proxy_lever = next((lv for lv in LEVERS if not lv.ha_proxy), None) if args.levers else None
+                run.lever_deployment(lever, cluster, config)
+    default_proxy_lever = next((lever for lever in chosen if not lever.ha_proxy), None)
     if "ray-naive" in args.servers or default_proxy_lever:
         with launch.ray_cluster(ha_proxy=False, work=run.logs) as cluster:
+            run.ray_temp_dirs.append(str(cluster.temp_dir))
             if "ray-naive" in args.servers:
                 print("ray-naive (tutorial-style deployment, Serve defaults)", flush=True)
                 config = {"applications": [
@@ -201,8 +236,7 @@ def run_ray_servers(run: Run, store: Path, model_dir: Path) -> None:
                     run.server_cells("ray-naive", url)
             if default_proxy_lever:
                 print(f"lever: {default_proxy_lever.name}", flush=True)
-                with launch.serve_run(cluster, our_config(store), run.logs / "lever-default-proxy.log") as url:
-                    run.lever_cells(default_proxy_lever, url)
+                run.lever_deployment(default_proxy_lever, cluster, our_config(store))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,13 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", type=csv, default=list(WORKLOADS), help=f"subset of {','.join(WORKLOADS)}")
     parser.add_argument("--concurrency", type=lambda t: [int(c) for c in csv(t)], default=[1, 16, 64])
     parser.add_argument("--lever-concurrency", type=lambda t: [int(c) for c in csv(t)], default=[16, 64])
-    parser.add_argument("--no-levers", dest="levers", action="store_false")
+    parser.add_argument("--levers", type=lambda t: [] if t == "none" else csv(t), default=list(LEVERS),
+                        help=f"subset of {','.join(LEVERS)}, or none")
+    parser.add_argument("--limit-seconds", type=float, default=2.0, help="seconds per in-process measurement")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before each cell, not recorded")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--mlserver-venv", type=Path, default=MLSERVER_VENV)
     args = parser.parse_args(argv)
-    for name, chosen, known in (("server", args.servers, SERVERS), ("workload", args.workloads, WORKLOADS)):
+    for name, chosen, known in (("server", args.servers, SERVERS), ("workload", args.workloads, WORKLOADS),
+                                ("lever", args.levers, LEVERS)):
         if set(chosen) - set(known):
             parser.error(f"unknown {name}(s) {sorted(set(chosen) - set(known))}")
     if shutil.which("wrk") is None:
@@ -245,10 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         export_model(store, model, model_dir, max_batch_size=32, max_batch_time_s=0.002)
 
     print("in-process limits", flush=True)
-    results["in_process"] = {key: inprocess.predict_rate(store, WORKLOADS[key].model, WORKLOADS[key].rows)
-                             for key in args.workloads}
-    if args.levers and any(WORKLOADS[k].rows > 1 for k in args.workloads):
-        results["codecs"] = inprocess.codec_costs(store, "breast-cancer", 1000)
+    results["in_process"] = {key: inprocess.predict_rate(store, WORKLOADS[key].model, WORKLOADS[key].rows,
+                                                         args.limit_seconds) for key in args.workloads}
+    if any(WORKLOADS[k].rows > 1 for k in args.workloads):
+        results["codecs"] = inprocess.codec_costs(store, "breast-cancer", 1000, args.limit_seconds / 2)
 
     for server in ("fastapi", "mlserver"):
         if server in args.servers:
@@ -260,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                 run.server_cells(server, url)
     run_ray_servers(run, store_path, model_dir)
 
-    results["meta"].update(load_after=os.getloadavg(), wall_s=round(time.monotonic() - started))
-    results["cells"], results["levers"] = run.cells, run.levers
+    results["meta"].update(load_after=os.getloadavg(), wall_s=round(time.monotonic() - started),
+                           ray_temp_dirs=run.ray_temp_dirs)
+    results["cells"], results["levers"], results["failures"] = run.cells, run.levers, run.failures
     report.write(results, args.out)
     print(report.markdown(results))
     print(f"results: {args.out}/bench.{{json,md,png}} ({results['meta']['wall_s']} s)")

@@ -102,6 +102,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {lever['lever']} | {lever['workload']} | {lever['concurrency']} | "
                          f"{_fmt(lever['rps'])} | {_fmt(lever['p50_ms'], 1)} | {_fmt(lever['p99_ms'], 1)} | "
                          f"{_fmt(ratio, 2)} |")
+    if results.get("failures"):
+        lines += ["", "Failed during the run: " + "; ".join(f"{f['lever']}: {f['error']}" for f in results["failures"])]
     if results.get("codecs"):
         lines += ["", "Decoding one 1000-row request (µs, in-process):", "", "| way | µs |", "|---|---|"]
         lines += [f"| {way} | {_fmt(us)} |" for way, us in results["codecs"].items()]
