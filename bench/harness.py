@@ -107,6 +107,13 @@ def replicas(n: int) -> Callable[[dict], None]:
     return change
 
 
+def every(*changes: Callable[[dict], None]) -> Callable[[dict], None]:
+    def change(config: dict) -> None:
+        for one in changes:
+            one(config)
+    return change
+
+
 def dedicated(config: dict) -> None:
     """breast-cancer in a deployment of its own: one DeploymentHandle hop per request."""
     next(m for m in _models(config) if m["name"] == "breast-cancer")["dedicated"] = True
@@ -120,6 +127,7 @@ class Lever:
     ha_proxy: bool = True
     binary_format: str = "v2"
     workloads: tuple[str, ...] = ("xgb-1",)
+    concurrency: tuple[int, ...] | None = None  # None: --lever-concurrency
 
 
 LEVERS = {lever.key: lever for lever in (
@@ -131,10 +139,12 @@ LEVERS = {lever.key: lever for lever in (
     # thread is a second thread hop per request.
     Lever("same-thread", "user code on the replica's loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)",
           replica_env(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0")),
-    Lever("recommended", "both: access log to its file only + user code on the replica's loop",
-          replica_env(RAY_SERVE_LOG_TO_STDERR="0", RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0")),
+    Lever("recommended", "proposed config: log file only + user code on the replica's loop + batch wait 0",
+          every(replica_env(RAY_SERVE_LOG_TO_STDERR="0", RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0"),
+                batching(32, 0.0)), concurrency=(1, 16, 64)),
     Lever("no-batching", "no batching (max_batch_size 1)", batching(1, 0.0)),
-    Lever("batch-wait-10ms", "batch wait 10 ms (shipped: 2 ms)", batching(32, 0.010)),
+    # 0: no waiting for a batch to fill; a batch is whatever queued while the model was busy.
+    Lever("batch-wait-0", "batch wait 0 (shipped: 2 ms)", batching(32, 0.0), concurrency=(1, 16, 64)),
     Lever("handle-hop", "model behind a DeploymentHandle (dedicated)", dedicated),
     Lever("replicas-1", "1 ingress replica (shipped: autoscaling 1-4, 2 at start)", replicas(1)),
     Lever("replicas-4", "4 ingress replicas", replicas(4)),
@@ -198,7 +208,7 @@ class Run:
                 continue
             workload = WORKLOADS[key]
             request = request_for("ours", workload, lever.binary_format)
-            for concurrency in self.args.lever_concurrency:
+            for concurrency in lever.concurrency or self.args.lever_concurrency:
                 cell = self.measure("ours", url, workload, concurrency, request, lever.name[:40], lever.key)
                 self.levers.append({"lever": lever.name, **cell})
 
@@ -249,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", type=lambda t: [] if t == "none" else csv(t), default=list(LEVERS),
                         help=f"subset of {','.join(LEVERS)}, or none")
     parser.add_argument("--limit-seconds", type=float, default=2.0, help="seconds per in-process measurement")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before each cell, not recorded")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per cell")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each cell, not recorded")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--mlserver-venv", type=Path, default=MLSERVER_VENV)
     args = parser.parse_args(argv)

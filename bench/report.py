@@ -66,11 +66,37 @@ def _fmt(value, digits=0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def summary(results: dict) -> list[str]:
+    """One row per workload and concurrency: each server's throughput (p99), and ours against
+    each of the others. Batch workloads count rows/s, with the in-process limit beside them."""
+    index = cell_index(results["cells"])
+    servers = [s for s in SERVER_TITLES if any(c["server"] == s for c in results["cells"])]
+    others = [s for s in servers if s != "ours"]
+    head = (["workload", "c"] + [f"{s} req/s (p99 ms)" for s in servers]
+            + [f"ours x {s}" for s in others] + ["ours x in-process"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    workloads = list(dict.fromkeys(c["workload"] for c in results["cells"]))
+    for workload in workloads:
+        for c in sorted({cell["concurrency"] for cell in results["cells"] if cell["workload"] == workload}):
+            row = [workload, str(c)]
+            for server in servers:
+                cell = index.get((server, workload, c))
+                row.append(f"{cell['rps']:,.0f} ({cell['p99_ms']:,.0f})" if cell else "—")
+            ours = index.get(("ours", workload, c))
+            for server in others:
+                other = index.get((server, workload, c))
+                row.append(f"{ours['rps'] / other['rps']:.2f}" if ours and other and other["rps"] else "—")
+            row.append(_fmt(ours.get("x_in_process") if ours else None, 2))
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [f"Run {meta['started']}: {meta['duration_s']} s per cell after {meta['warmup_s']} s of warm-up, "
              f"wrk, load average {meta['load_before'][0]:.1f} before / {meta['load_after'][0]:.1f} after "
              f"({meta['cores']} cores).", ""]
+    lines += summary(results) + ["", "Every cell:", ""]
     lines += ["| workload | c | server | req/s | rows/s | p50 ms | p99 ms | x FastAPI | p99 x FastAPI "
               "| x in-process | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {s: i for i, s in enumerate(SERVER_TITLES)}
