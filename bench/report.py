@@ -10,6 +10,7 @@ from pathlib import Path
 SERVER_TITLES = {"ours": "serve-app (shipped config)", "fastapi": "FastAPI + uvicorn (hand-rolled)",
                  "mlserver": "MLServer (adaptive batching)", "ray-naive": "Ray Serve, tutorial style"}
 BASELINE = "fastapi"
+COLOURS = {"ours": "tab:blue", "fastapi": "tab:orange", "mlserver": "tab:green", "ray-naive": "tab:red"}
 
 
 def cell_index(cells: list[dict]) -> dict[tuple, dict]:
@@ -163,7 +164,10 @@ def plot(results: dict, path: Path) -> None:
                     if cell:
                         xs.append(j + (i - (len(servers) - 1) / 2) * width)
                         ys.append(cell[key])
-                ax.bar(xs, ys, width, label=SERVER_TITLES[server])
+                if xs:  # a server without this workload gets no bar and no legend entry
+                    ax.bar(xs, ys, width, label=SERVER_TITLES[server], color=COLOURS[server])
+            if col > 0:
+                ax.set_yscale("log")  # the naive app's seconds beside everyone's milliseconds
             ax.set_xticks(range(len(concurrencies)), [f"c={c}" for c in concurrencies])
             ax.set_title(f"{workload}: {label}", fontsize=10)
             if col == 0 and batch and workload in results["in_process"]:
@@ -176,7 +180,7 @@ def plot(results: dict, path: Path) -> None:
     meta = results["meta"]
     fig.suptitle(f"{meta['started']}, {meta['cores']} cores, {meta['duration_s']} s per cell, "
                  f"load average {meta['load_before'][0]:.1f}/{meta['load_after'][0]:.1f}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
