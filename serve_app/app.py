@@ -204,8 +204,9 @@ class ModelServer:
             if not public:
                 self._authenticate(request)
             try:
-                result = await asyncio.wait_for(work(), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):  # no extra task per request, unlike wait_for
+                    result = await work()
+            except TimeoutError:
                 raise InferenceTimeout(f"model {name!r} did not answer within {timeout} s") from None
             response = result if isinstance(result, Response) else json_response(result)
         except InferenceError as exc:
@@ -304,7 +305,7 @@ class ModelServer:
                 return response
             content, header_length = binary.encode_response(response, binary_outputs)
             return Response(content, media_type="application/octet-stream",
-                            headers={"Inference-Header-Content-Length": str(header_length)})
+                            headers={binary.HEADER_LENGTH: str(header_length)})
         return await self._handle(request, "v2", name, work)
 
 

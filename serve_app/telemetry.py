@@ -33,6 +33,9 @@ LATENCY_BUCKETS_MS = [0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 25, 50, 75, 100, 150, 
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 # Regression outputs: 1-2-5 steps from 0.001 to 500,000. Ray only accepts positive bucket
 # boundaries, so values at or below 0.001 (negative ones included) share the first bucket.
+# Ray observes one value per call (~2 us): a model call adds at most this many predictions,
+# evenly spaced, so a 1000-row request does not pay milliseconds for its histogram.
+PREDICTION_SAMPLE = 64
 PREDICTION_BUCKETS = [m * 10.0 ** e for e in range(-3, 6) for m in (1, 2, 5)]
 UNKNOWN_MODEL = "(unknown)"
 
@@ -67,7 +70,7 @@ METRICS = {m.name: m for m in (
     Metric("serve_app_predictions", "counter", ("model", "version", "class"),
            "Predicted rows by class (classification models)."),
     Metric("serve_app_prediction_value", "histogram", ("model", "version"),
-           "Predicted values (regression models); values <= 0.001 fall in the first bucket.",
+           "Predicted values (regression models; up to 64 evenly spaced per model call); values <= 0.001 fall in the first bucket.",
            tuple(PREDICTION_BUCKETS)),
     Metric("serve_app_model_info", "gauge", ("model", "version", "framework", "sha256"),
            "The model a replica has loaded (value 1)."),
@@ -98,9 +101,11 @@ def _objects():
 _failure_logged = False
 
 
+@functools.cache
 def _in_replica() -> bool:
     """Metrics come from Serve replicas only: a driver (a test, a notebook) that builds a
-    ModelWorker must not export series that look like a served model's."""
+    ModelWorker must not export series that look like a served model's. Asked once per
+    process (a replica's context exists from its constructor on), not per request."""
     from ray.serve import context
 
     return context._get_internal_replica_context() is not None
@@ -190,8 +195,11 @@ class ModelTelemetry:
                     m["serve_app_predictions"].inc(int(count), tags={**self.labels, "class": str(value)})
             elif "predict" in results:
                 histogram = m["serve_app_prediction_value"]
-                for value in np.asarray(results["predict"], dtype=np.float64).reshape(-1):
-                    histogram.observe(float(value), tags=self.labels)
+                values = np.asarray(results["predict"], dtype=np.float64).reshape(-1)
+                if values.size > PREDICTION_SAMPLE:
+                    values = values[np.linspace(0, values.size - 1, PREDICTION_SAMPLE).astype(int)]
+                for value in values.tolist():
+                    histogram.observe(value, tags=self.labels)
         _emit(update)
 
     def drift(self, scores: Mapping[str, float], rows: int) -> None:

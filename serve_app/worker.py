@@ -28,6 +28,9 @@ from serve_app.telemetry import ModelTelemetry
 logger = logging.getLogger("ray.serve")
 
 
+_EXPLANATION = frozenset(EXPLANATION_OUTPUTS)
+
+
 def _rows(items: Sequence[tuple[np.ndarray, tuple[str, ...]]]) -> int:
     return sum(x.shape[0] for x, _ in items)
 
@@ -39,7 +42,7 @@ class ModelWorker:
         self.spec = spec
         self.accepts_missing = runtime.accepts_missing
         self.telemetry = ModelTelemetry(self.meta)
-        self.drift = DriftMonitor(self.meta, spec.drift.window_rows, spec.drift.min_rows, spec.drift.interval_s)
+        self.drift = DriftMonitor(self.meta, **spec.drift.model_dump())
         # The model runs on a thread of its own, never on the event loop: a slow or stuck
         # model cannot freeze the replica (timeouts fire, health checks and other models answer).
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.meta.name}")
@@ -60,8 +63,7 @@ class ModelWorker:
     def reconfigure(self, spec: ModelSpec) -> None:
         """Apply new batching and drift settings without reloading the model."""
         if spec.drift != self.spec.drift:
-            self.drift = DriftMonitor(self.meta, spec.drift.window_rows, spec.drift.min_rows,
-                                      spec.drift.interval_s)
+            self.drift = DriftMonitor(self.meta, **spec.drift.model_dump())
         self.spec = spec
         self._batched.set_max_batch_size(spec.max_batch_size)
         self._batched.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
@@ -80,8 +82,12 @@ class ModelWorker:
         self.telemetry.called(X.shape[0], time.perf_counter() - started, results)
         return results
 
+    async def _on_model_thread(self, fn, *args):
+        """``fn(*args)`` on this model's own thread, awaited without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+
     async def _compute_off_loop(self, X: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self._compute, X, outputs)
+        return await self._on_model_thread(self._compute, X, outputs)
 
     async def _run_batch(self, items: list[tuple[np.ndarray, tuple[str, ...]]]) -> list[dict]:
         if len(items) == 1:
@@ -111,7 +117,7 @@ class ModelWorker:
         self.drift.observe(X)
         if self.drift.due():
             self._start_drift_update()
-        if any(o in EXPLANATION_OUTPUTS for o in outputs):
+        if not _EXPLANATION.isdisjoint(outputs):
             results = await self._infer_with_explanation(X, outputs)
         else:
             results = await self._predict(X, outputs)
@@ -129,11 +135,11 @@ class ModelWorker:
     async def _infer_with_explanation(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict:
         """Explanations are heavier than predictions and have their own shape: they run on the
         model thread directly, not through the batching queue; predictions asked alongside do."""
-        explanation = await asyncio.get_running_loop().run_in_executor(self._model_thread, self.runtime.explain, X)
+        explanation = await self._on_model_thread(self.runtime.explain, X)
         results = {"contributions": explanation.contributions, "bias": explanation.bias,
                    "explanation_info": {"outputs": explanation.outputs, "method": explanation.method,
                                         "margin_kind": explanation.margin_kind}}
-        rest = tuple(o for o in outputs if o not in EXPLANATION_OUTPUTS)
+        rest = tuple(o for o in outputs if o not in _EXPLANATION)
         if rest:
             results.update(await self._predict(X, rest))
         return results
@@ -146,9 +152,8 @@ class ModelWorker:
     async def check(self) -> None:
         """Raise unless the model still predicts: one row through the model, outside the
         batching queue (Serve calls this from ``check_health`` and replaces a replica that fails)."""
-        result = await asyncio.wait_for(
-            asyncio.get_running_loop().run_in_executor(self._model_thread, self.runtime.predict, self._probe),
-            self.spec.timeout_s)
+        async with asyncio.timeout(self.spec.timeout_s):
+            result = await self._on_model_thread(self.runtime.predict, self._probe)
         if np.asarray(result).shape[0] != 1:
             raise RuntimeError(f"model {self.meta.name!r} answered a one-row probe with {result!r}")
 

@@ -187,9 +187,11 @@ def typed_matrices(datatype: str):
     return hnp.arrays(dtype, st.tuples(st.integers(1, 6), st.just(len(FEATURES))), elements=elements)
 
 
-@FUZZ
-@given(data=st.data(), datatype=st.sampled_from(sorted(v2.DATATYPES)), columnar=st.booleans())
-def test_v2_round_trip_of_every_datatype(data, datatype, columnar):
+# Each datatype is its own property (a sampled datatype could go unseen in an unlucky run).
+@pytest.mark.parametrize("datatype", sorted(v2.DATATYPES))
+@settings(FUZZ, max_examples=EXAMPLES // 6)
+@given(data=st.data(), columnar=st.booleans())
+def test_v2_round_trip_of_every_datatype(data, columnar, datatype):
     array = data.draw(typed_matrices(datatype), label="array")
     if columnar:
         inputs = [v2.encode_tensor(name, array[:, j]) for j, name in enumerate(FEATURES)]
@@ -238,5 +240,5 @@ def test_enough_codec_cases_were_generated():
     for protocol in ("v1", "v2"):
         assert generated[f"{protocol}-accepted"] >= 10, generated
         assert generated[f"{protocol}-accepted"] + generated[f"{protocol}-rejected"] >= EXAMPLES * 0.9
-    assert all(generated[f"v2-round-trip-{d}"] > 0 for d in v2.DATATYPES), generated
+    assert all(generated[f"v2-round-trip-{d}"] >= EXAMPLES // 6 * 0.9 for d in v2.DATATYPES), generated
     assert sum(generated.values()) >= 6 * EXAMPLES * 0.9, generated
