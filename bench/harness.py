@@ -75,8 +75,14 @@ def _ingress(config: dict) -> dict:
     return next(d for d in config["applications"][0]["deployments"] if d["name"] == "ModelServer")
 
 
-def access_log_off(config: dict) -> None:
-    config["logging_config"]["enable_access_log"] = False
+def serve_access_log(config: dict) -> None:
+    """Ray Serve's own JSON access line for every request (the shipped config has it off)."""
+    config["logging_config"]["enable_access_log"] = True
+
+
+def log_every_request(config: dict) -> None:
+    """The app's own access line for every request (shipped: errors, slow, traced, 1 %)."""
+    config["applications"][0]["args"].setdefault("access_log", {})["sample_rate"] = 1.0
 
 
 def replica_env(**env_vars: str) -> Callable[[dict], None]:
@@ -132,19 +138,16 @@ class Lever:
 
 LEVERS = {lever.key: lever for lever in (
     Lever("default-proxy", "Ray's default proxy instead of HAProxy + direct ingress", ha_proxy=False),
-    Lever("access-log-off", "access log off", access_log_off),
-    Lever("log-file-only", "access log to its file only (RAY_SERVE_LOG_TO_STDERR=0)",
-          replica_env(RAY_SERVE_LOG_TO_STDERR="0")),
+    Lever("serve-access-log", "Ray Serve's access log on (a JSON line per request)", serve_access_log),
+    Lever("log-every-request", "the app's access line for every request (access_log.sample_rate 1)",
+          log_every_request),
     # Our models already run off the event loop (serve_app/worker.py): Serve's own user-code
-    # thread is a second thread hop per request.
-    Lever("same-thread", "user code on the replica's loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)",
-          replica_env(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0")),
-    Lever("recommended", "proposed config: log file only + user code on the replica's loop + batch wait 0",
-          every(replica_env(RAY_SERVE_LOG_TO_STDERR="0", RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0"),
-                batching(32, 0.0)), concurrency=(1, 16, 64)),
+    # thread is a second thread hop per request; the shipped config turns it off.
+    Lever("user-code-thread", "Serve's user-code thread on (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1)",
+          replica_env(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="1")),
     Lever("no-batching", "no batching (max_batch_size 1)", batching(1, 0.0)),
-    # 0: no waiting for a batch to fill; a batch is whatever queued while the model was busy.
-    Lever("batch-wait-0", "batch wait 0 (shipped: 2 ms)", batching(32, 0.0), concurrency=(1, 16, 64)),
+    # Shipped: wait 0, a batch is whatever queued while the model was busy.
+    Lever("batch-wait-2ms", "batch wait 2 ms (shipped: 0)", batching(32, 0.002), concurrency=(1, 16, 64)),
     Lever("handle-hop", "model behind a DeploymentHandle (dedicated)", dedicated),
     Lever("replicas-1", "1 ingress replica (shipped: autoscaling 1-4, 2 at start)", replicas(1)),
     Lever("replicas-4", "4 ingress replicas", replicas(4)),

@@ -13,6 +13,7 @@ with orjson. Every client mistake is an :class:`InferenceError` and leaves as
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any, Awaitable, Callable
 
@@ -51,6 +52,22 @@ def json_response(content: Any, status_code: int = 200) -> Response:
 def _content_type(request: Request) -> str:
     # Above the ingress class: serve.ingress copies the class while this module is still loading.
     return request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+
+
+def sampled_trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent`` header (``00-<trace id>-<parent id>-<flags>``)
+    whose sampled flag is set; None for a missing, malformed or unsampled one."""
+    if not traceparent:
+        return None
+    parts = traceparent.strip().split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[3]) != 2:
+        return None
+    try:
+        sampled = int(parts[3], 16) & 1
+        int(parts[1], 16)
+    except ValueError:
+        return None
+    return parts[1].lower() if sampled and parts[1] != "0" * 32 else None
 
 
 def error_response(status_code: int, message: str, reason: str | None = None) -> Response:
@@ -223,9 +240,23 @@ class ModelServer:
         # Only served names become label values: arbitrary URLs must not create metric series.
         model, version = ((name, getattr(request.state, "model_version", worker.meta.version)) if worker
                           else (telemetry.UNKNOWN_MODEL, ""))
-        telemetry.request_done(model, version, protocol, response.status_code, time.perf_counter() - started,
+        elapsed = time.perf_counter() - started
+        telemetry.request_done(model, version, protocol, response.status_code, elapsed,
                                reason if response.status_code < 500 else None)
+        self._log_access(request, protocol, model, version, response.status_code, elapsed)
         return response
+
+    def _log_access(self, request: Request, protocol: str, model: str, version: str, status: int,
+                    seconds: float) -> None:
+        """One access line for the requests worth reading (see AccessLogSpec), in Serve's JSON
+        log with Serve's request id; Serve's own every-request access log is off."""
+        trace_id = sampled_trace_id(request.headers.get("traceparent"))
+        if not self.config.access_log.wants(status, seconds, trace_id is not None, random.random()):
+            return
+        logger.info("%s %s %d %.1fms", request.method, request.url.path, status, seconds * 1000,
+                    extra={"model": model, "model_version": version, "protocol": protocol,
+                           "status_code": status, "latency_ms": round(seconds * 1000, 3),
+                           "trace_id": trace_id})
 
     # -- KServe V1 ---------------------------------------------------------------------------
     @api.get("/v1/models", tags=["V1"])

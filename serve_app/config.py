@@ -30,6 +30,30 @@ class DriftSpec(BaseModel):
     interval_s: float = Field(10.0, gt=0, description="seconds between PSI computations")
 
 
+class AccessLogSpec(BaseModel):
+    """Which requests get an access line in the replica's JSON log.
+
+    Serve's own access log formats and writes a JSON record for every request: a third of the
+    single-row throughput (README "Performance"). This log keeps the lines worth reading:
+    every error, every slow request, every request its client marked as a sampled trace (W3C
+    ``traceparent`` with the sampled flag: someone will look it up), and a sample of the rest.
+    Metrics count every request. (A client's own X-Request-ID cannot mark a request: HAProxy
+    gives every request one before the replica sees it.)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample_rate: float = Field(0.01, ge=0, le=1, description="share of the other successful requests logged")
+    slow_ms: float = Field(250.0, ge=0, description="requests at least this slow are always logged")
+    sampled_traces: bool = Field(
+        True, description="always log a request whose W3C traceparent has the sampled flag")
+
+    def wants(self, status: int, seconds: float, sampled_trace: bool, draw: float) -> bool:
+        """Whether a finished request gets an access line; ``draw`` is uniform in [0, 1)."""
+        return (status >= 400 or seconds * 1000 >= self.slow_ms or draw < self.sample_rate
+                or (sampled_trace and self.sampled_traces))
+
+
 class ModelSpec(BaseModel):
     """One served model and how its requests are batched."""
 
@@ -39,7 +63,8 @@ class ModelSpec(BaseModel):
     version: str = Field("latest", description='a version in the store, or "latest"')
     max_batch_size: int = Field(32, ge=1, description="rows per model call, at most")
     batch_wait_timeout_s: float = Field(
-        0.002, ge=0, description="how long a batch waits to fill before it runs"
+        0.0, ge=0, description="how long a batch waits to fill before it runs; 0: a batch is "
+        "whatever queued while the model was busy (no wait at low load, full batches at high load)"
     )
     dedicated: bool = Field(
         False, description="serve from a deployment of its own (model-<name>) behind a handle"
@@ -75,6 +100,7 @@ class AppConfig(BaseModel):
         16 * 1024 * 1024, ge=1024, description="request bodies above this get 413"
     )
     models: list[ModelSpec] = Field(min_length=1)
+    access_log: AccessLogSpec = Field(default_factory=AccessLogSpec)
 
     @model_validator(mode="before")
     @classmethod

@@ -155,6 +155,8 @@ def make_test_config(store: Path, port: int, api_token: str) -> dict:
     # with a wait long enough that concurrent requests visibly share a batch.
     app["args"]["models"].append(
         {"name": "wine", "version": "latest", "max_batch_size": 32, "batch_wait_timeout_s": 0.05})
+    # No sampled access lines: the logging test checks that an ordinary request leaves none.
+    app["args"]["access_log"]["sample_rate"] = 0
     # The dedicated model scales fast so the autoscaling test sees up- and downscaling.
     # Drift windows small and fast enough for the drift test to fill and see them.
     for model in app["args"]["models"]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_app.config import STORE_OVERRIDE_ENV, AppConfig
+from serve_app.config import STORE_OVERRIDE_ENV, AccessLogSpec, AppConfig
 
 SERVE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve_config.yaml"
 ARGS = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]
@@ -51,3 +51,36 @@ def test_override_survives_the_round_trip_to_replicas(monkeypatch):
     dumped = AppConfig.model_validate(ARGS).model_dump()
     monkeypatch.delenv(STORE_OVERRIDE_ENV)
     assert AppConfig.model_validate(dumped).store == "s3://bucket/models"
+
+
+@pytest.mark.parametrize("status, seconds, traced, draw, logged", [
+    (200, 0.001, False, 0.5, False),   # an ordinary success: only the sample can pick it
+    (200, 0.001, False, 0.001, True),  # picked by the 1 % sample
+    (200, 0.300, False, 0.5, True),    # slow (>= 250 ms)
+    (200, 0.001, True, 0.5, True),     # the client marked it a sampled trace (traceparent)
+    (404, 0.001, False, 0.5, True),    # every error
+    (503, 0.001, False, 0.5, True),
+])
+def test_access_log_keeps_the_lines_worth_reading(status, seconds, traced, draw, logged):
+    assert AccessLogSpec().wants(status, seconds, traced, draw) is logged
+
+
+def test_access_log_rules_are_settings():
+    everything = AccessLogSpec(sample_rate=1)
+    assert everything.wants(200, 0.001, False, 0.999)
+    quiet = AccessLogSpec(sample_rate=0, slow_ms=10_000, sampled_traces=False)
+    assert not quiet.wants(200, 1.0, True, 0.0)
+    assert quiet.wants(400, 0.001, False, 0.5)
+
+
+@pytest.mark.parametrize("header, trace_id", [
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "4bf92f3577b34da6a3ce929d0e0e4736"),
+    ("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-03", "4bf92f3577b34da6a3ce929d0e0e4736"),
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", None),  # not sampled
+    ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),  # invalid all-zero id
+    ("00-xyz-00f067aa0ba902b7-01", None), ("garbage", None), ("", None), (None, None),
+    ("00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01", None),
+])
+def test_sampled_trace_id_reads_w3c_traceparent(header, trace_id):
+    from serve_app.app import sampled_trace_id
+    assert sampled_trace_id(header) == trace_id
