@@ -80,18 +80,28 @@ def stop_ray_cluster(temp_dir: str | os.PathLike, timeout: float = 15) -> None:
     ``make serve`` (or another suite) running beside it. Every process of a Ray cluster
     (GCS, raylet, dashboard, workers) names its session directory, which lies under the
     cluster's temp dir, on its command line, or is a child of one that does (workers
-    rename themselves ``ray::...``).
+    rename themselves ``ray::...``). A process whose parent died first (Ray's client server
+    is re-parented to init and names only the GCS address) is found as an orphan in the
+    process group of one of those.
     """
     import psutil
 
     marker = str(temp_dir)
     mine: dict[int, psutil.Process] = {}
+    groups = set()
     for proc in psutil.process_iter(["cmdline"]):
         try:
             if proc.pid != os.getpid() and any(marker in arg for arg in proc.info["cmdline"] or ()):
+                groups.add(os.getpgid(proc.pid))
                 mine[proc.pid] = proc
                 mine.update((child.pid, child) for child in proc.children(recursive=True))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            pass
+    for proc in psutil.process_iter():
+        try:  # orphans only: a live parent (a shell, a notebook kernel) in that group is not Ray's
+            if proc.pid not in mine and proc.ppid() == 1 and os.getpgid(proc.pid) in groups:
+                mine[proc.pid] = proc
+        except (psutil.NoSuchProcess, ProcessLookupError):
             pass
     mine.pop(os.getpid(), None)
     mine = list(mine.values())
