@@ -15,14 +15,13 @@ import asyncio
 import logging
 import random
 import time
+from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
-import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray import serve
-from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -30,18 +29,26 @@ from starlette.responses import Response
 from serve_app import __version__, auth, telemetry
 from serve_app.codecs import binary, v1, v2
 from serve_app.codecs.tensors import EXPLANATION_OUTPUTS
-from serve_app.config import AppConfig
+from serve_app.config import MULTIPLEXED_DEPLOYMENT, AppConfig, ModelSpec
 from serve_app.errors import (BadInput, InferenceError, InferenceTimeout, ModelNotFoundError, PayloadTooLarge,
-                              Unauthorized, UnsupportedMediaType)
+                              ReloadFailed, Unauthorized, UnsupportedMediaType)
 from serve_app.metadata import ModelMetadata
 from serve_app.openapi_docs import V1_REQUEST, V2_REQUEST
 from serve_app.runtimes import runtime_for
-from serve_app.store import ModelStore
-from serve_app.worker import DedicatedModel, ModelWorker
+from serve_app.reloads import ReloadWatcher, request_reload
+from serve_app.served import MultiplexedWorker, RemoteWorker, ServedModel
+from serve_app.store import ModelStore, ModelStoreError, version_sort_key
+from serve_app.worker import DedicatedModel, ModelWorker, MultiplexedModels, close_later, load_versions, replica_id
 
 # Serve's own logger: its records get Serve's JSON encoding and the request id.
 logger = logging.getLogger("ray.serve")
 SERVER_NAME = "serve-app"
+# A name found missing in the store is not looked up again for this long.
+ABSENT_FOR_S = 5.0
+# Long-tail models whose metadata the ingress keeps (the models themselves live elsewhere).
+MAX_TAIL_ENTRIES = 1000
+# How long a reload request waits for every replica to reload.
+RELOAD_TIMEOUT_S = 60.0
 
 
 def json_response(content: Any, status_code: int = 200) -> Response:
@@ -78,41 +85,6 @@ def error_response(status_code: int, message: str, reason: str | None = None) ->
     return response
 
 
-class RemoteWorker:
-    """A dedicated model seen from the ingress: same ``infer`` as :class:`ModelWorker`.
-
-    The dedicated deployment can roll to another model version while this ingress lives on
-    (a config change to ``model-<name>`` alone), and during the rollout old and new replicas
-    answer side by side. So each answer says which version computed it, and is described with
-    that version's metadata (read once per version), never with the version this ingress
-    started with.
-    """
-
-    def __init__(self, meta: ModelMetadata, accepts_missing: bool, handle: DeploymentHandle, spec,
-                 store: ModelStore):
-        self.meta, self.accepts_missing, self._handle, self.spec = meta, accepts_missing, handle, spec
-        self._store = store
-        self._metas = {meta.version: meta}
-
-    async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
-        results = await self._call(X, outputs)
-        version = results["model_version"]
-        if version not in self._metas:
-            self._metas[version] = await asyncio.get_running_loop().run_in_executor(
-                None, self._store.read_metadata, self.meta.name, version)
-        self.meta = results["model_meta"] = self._metas[version]  # the newest answer describes the model
-        return results
-
-    async def _call(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict:
-        try:
-            return await self._handle.infer.remote(X, outputs)
-        except RayTaskError as exc:
-            # The model's client error, as raised there: Ray's wrapper hides its reason.
-            if isinstance(exc.cause, InferenceError):
-                raise exc.cause from None
-            raise
-
-
 api = FastAPI(
     title="serve-app",
     version=__version__,
@@ -135,35 +107,98 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> Response
 @serve.deployment(name="ModelServer", max_ongoing_requests=64, max_surge_percent=25)
 @serve.ingress(api)
 class ModelServer:
-    def __init__(self, config: dict, dedicated: dict[str, DeploymentHandle] | None = None):
+    def __init__(self, config: dict, dedicated: dict[str, DeploymentHandle] | None = None,
+                 multiplexed: DeploymentHandle | None = None):
         self.config = AppConfig.model_validate(config)
-        store = ModelStore(self.config.store)
-        self.workers: dict[str, ModelWorker | RemoteWorker] = {}
-        for spec in self.config.models:
-            if spec.dedicated:
-                meta = store.read_metadata(spec.name, spec.version)
-                accepts = runtime_for(meta.framework).accepts_missing
-                self.workers[spec.name] = RemoteWorker(meta, accepts, dedicated[spec.name], spec, store)
-            else:
-                self.workers[spec.name] = ModelWorker.from_store(store, spec)
+        self.store = ModelStore(self.config.store)
+        self._specs = {spec.name: spec for spec in self.config.models}
+        self._dedicated, self._multiplexed = dedicated or {}, multiplexed
+        self.models: dict[str, ServedModel] = {spec.name: self._build(spec) for spec in self.config.models}
+        # The long tail seen so far (multiplexed), and names recently found missing in the store.
+        self._tail: OrderedDict[str, ServedModel] = OrderedDict()
+        self._absent: dict[str, float] = {}
         self._token = auth.configured_token()
+        if self._token is None:
+            logger.warning("no SERVE_APP_API_TOKEN: the model and admin endpoints (reload) are open")
+        self._app_name = serve.get_replica_context().app_name
+        self._watcher = ReloadWatcher(self._app_name, replica_id(), self._hosted, self._reload)
+
+    def _build(self, spec: ModelSpec) -> ServedModel:
+        """Every live version of a declared model, loaded here or reached through its deployment."""
+        if spec.dedicated:
+            handle = self._dedicated[spec.name]
+            workers = {}
+            for label in spec.live_versions:
+                meta = self.store.read_metadata(spec.name, label)
+                accepts = runtime_for(meta.framework).accepts_missing
+                workers[label] = RemoteWorker(meta, accepts, handle, spec, self.store, label)
+            serving = "dedicated"
+        else:
+            workers, serving = load_versions(self.store, spec), "in-process"
+        return ServedModel(spec.name, workers, spec.version, spec.traffic, spec.shadow, serving)
 
     async def check_health(self) -> None:
         """Serve replaces this replica when an in-process model stops predicting."""
-        for worker in self.workers.values():
-            if isinstance(worker, ModelWorker):
-                await worker.check()
+        self._watcher.start()
+        for served in self.models.values():
+            for worker in {id(w): w for w in served.by_version.values()}.values():
+                if isinstance(worker, ModelWorker):
+                    await worker.check()
 
-    # -- shared request plumbing -----------------------------------------------------------
-    def _worker(self, name: str, version: str | None = None):
-        worker = self.workers.get(name)
-        if worker is None:
-            raise ModelNotFoundError(f"model {name!r} is not served; served: {sorted(self.workers)}")
-        if version is not None and version != worker.meta.version:
-            raise ModelNotFoundError(
-                f"model {name!r} has no version {version!r} loaded; loaded: {worker.meta.version!r}"
-            )
-        return worker
+    # -- models: declared, long tail, reloads ----------------------------------------------
+    def _hosted(self) -> list[str]:
+        return [*self.models, *self._tail]
+
+    async def _reload(self, name: str) -> None:
+        """Reload ``name`` from the store (``latest`` resolved again); requests in flight
+        finish on the old workers."""
+        if name in self.models:
+            spec = self._specs[name]
+            fresh = await asyncio.get_running_loop().run_in_executor(None, self._build, spec)
+            old, self.models[name] = self.models[name], fresh
+            close_later(old.by_version.values(), spec.timeout_s)
+        else:
+            self._tail.pop(name, None)  # the next request reads the store again, with a new model id
+
+    def _known(self, name: str) -> ServedModel | None:
+        return self.models.get(name) or self._tail.get(name)
+
+    async def _served(self, name: str) -> ServedModel:
+        served = self._known(name)
+        if served is not None:
+            return served
+        mux = self.config.multiplexed
+        if mux is None or not mux.serves(name) or self._absent.get(name, 0) > time.monotonic():
+            raise ModelNotFoundError(f"model {name!r} is not served; served: {sorted(self.models)}")
+        try:
+            default = await self._tail_worker(name, None)
+        except ModelNotFoundError:
+            self._absent[name] = time.monotonic() + ABSENT_FOR_S  # a flood of unknown names stays off the store
+            raise
+        served = self._tail[name] = ServedModel(
+            name, {"latest": default}, "latest", serving="multiplexed",
+            open_version=lambda version: self._tail_worker(name, version))
+        while len(self._tail) > MAX_TAIL_ENTRIES:
+            self._tail.popitem(last=False)
+        return served
+
+    async def _tail_worker(self, name: str, version: str | None) -> MultiplexedWorker:
+        try:
+            meta = await asyncio.get_running_loop().run_in_executor(None, self.store.read_metadata, name, version)
+        except (ModelStoreError, ValueError):
+            what = f"model {name!r}" + (f" version {version!r}" if version else "")
+            raise ModelNotFoundError(f"{what} is not in the store") from None
+        mux = self.config.multiplexed
+        return MultiplexedWorker(meta, runtime_for(meta.framework).accepts_missing, self._multiplexed,
+                                 mux.spec_for(name, meta.version), self._watcher.generation(name))
+
+    async def _pick(self, request: Request, name: str, version: str | None = None, split: bool = True):
+        """The served model and the worker that answers: an explicit version, or the canary
+        split (sticky per X-Request-ID), or the default version for metadata."""
+        served = await self._served(name)
+        if version is None and not split:
+            return served, served.default
+        return served, await served.pick(version, request.headers.get("x-request-id"))
 
     async def _json_body(self, request: Request) -> Any:
         content_type = _content_type(request)
@@ -210,13 +245,17 @@ class ModelServer:
             raise Unauthorized("missing or invalid bearer token (Authorization: Bearer <token>)")
 
     async def _handle(self, request: Request, protocol: str, name: str,
-                      work: Callable[[], Awaitable[Any]], public: bool = False) -> Response:
+                      work: Callable[[], Awaitable[Any]], public: bool = False,
+                      timeout: float | None = None) -> Response:
         """Authenticate, then run one request's ``work`` within the model's timeout; every
         outcome is counted, timed and, if bad, logged."""
         started = time.perf_counter()
         reason = None
-        worker = self.workers.get(name)
-        timeout = worker.spec.timeout_s if worker else None
+        self._watcher.start()
+        known = self._known(name)
+        if timeout is None:
+            timeout = (known.spec.timeout_s if known else
+                       self.config.multiplexed.timeout_s if self.config.multiplexed else None)
         try:
             if not public:
                 self._authenticate(request)
@@ -238,8 +277,11 @@ class ModelServer:
                              extra={"model": name, "protocol": protocol, "status_code": 500})
             response = error_response(500, "internal error; see server logs")
         # Only served names become label values: arbitrary URLs must not create metric series.
-        model, version = ((name, getattr(request.state, "model_version", worker.meta.version)) if worker
+        known = self._known(name)
+        model, version = ((name, getattr(request.state, "model_version", known.meta.version)) if known
                           else (telemetry.UNKNOWN_MODEL, ""))
+        if known is not None and response.status_code < 400:
+            response.headers["X-Model-Version"] = version  # which version answered (canary, shadow)
         elapsed = time.perf_counter() - started
         telemetry.request_done(model, version, protocol, response.status_code, elapsed,
                                reason if response.status_code < 500 else None)
@@ -265,30 +307,36 @@ class ModelServer:
             self._authenticate(request)
         except Unauthorized as exc:
             return error_response(exc.status_code, exc.message, exc.reason)
-        return json_response({"models": sorted(self.workers)})
+        return json_response({"models": sorted({entry["name"] for entry in await self._index()
+                                                if entry["state"] == "READY" or entry["serving"] == "multiplexed"})})
 
     @api.get("/v1/models/{name}", tags=["V1"])
-    async def v1_model(self, name: str, request: Request) -> Response:
+    @api.get("/v1/models/{name}/versions/{version}", tags=["V1"])
+    async def v1_model(self, name: str, request: Request, version: str | None = None) -> Response:
         async def work():
-            meta = self._worker(name).meta
-            return {"name": name, "ready": True, **meta.to_dict()}
+            _, worker = await self._pick(request, name, version, split=False)
+            return {"name": name, "ready": True, **worker.meta.to_dict()}
         return await self._handle(request, "v1", name, work)
 
     @api.post("/v1/models/{name}:predict", tags=["V1"], openapi_extra=V1_REQUEST)
-    async def v1_predict(self, name: str, request: Request) -> Response:
+    @api.post("/v1/models/{name}/versions/{version}:predict", tags=["V1"], openapi_extra=V1_REQUEST)
+    async def v1_predict(self, name: str, request: Request, version: str | None = None) -> Response:
         async def work():
-            worker = self._worker(name)
+            served, worker = await self._pick(request, name, version)
             X, output = v1.decode_request(await self._json_body(request), worker.meta, worker.accepts_missing)
             results = await worker.infer(X, (output,))
+            if version is None:
+                served.mirror(X, (output,), results)
             self._answered_by(request, worker, results)
             return v1.encode_response(results, output)
         return await self._handle(request, "v1", name, work)
 
     @api.post("/v1/models/{name}:explain", tags=["V1"], openapi_extra=V1_REQUEST)
-    async def v1_explain(self, name: str, request: Request) -> Response:
+    @api.post("/v1/models/{name}/versions/{version}:explain", tags=["V1"], openapi_extra=V1_REQUEST)
+    async def v1_explain(self, name: str, request: Request, version: str | None = None) -> Response:
         """Per-feature contributions to the model's margin, per row (README "Explanations")."""
         async def work():
-            worker = self._worker(name)
+            _, worker = await self._pick(request, name, version)
             X, _ = v1.decode_request(await self._json_body(request), worker.meta, worker.accepts_missing)
             results = await worker.infer(X, EXPLANATION_OUTPUTS)
             return v1.encode_explanation(results, self._answered_by(request, worker, results))
@@ -297,7 +345,8 @@ class ModelServer:
     # -- Open Inference Protocol V2 ------------------------------------------------------------
     @api.get("/v2", tags=["V2"])
     async def v2_server(self) -> Response:
-        return json_response({"name": SERVER_NAME, "version": __version__, "extensions": ["binary_tensor_data"]})
+        return json_response({"name": SERVER_NAME, "version": __version__,
+                              "extensions": ["binary_tensor_data", "model_repository"]})
 
     @api.get("/v2/health/live", tags=["V2"])
     async def v2_live(self) -> Response:
@@ -311,14 +360,15 @@ class ModelServer:
     @api.get("/v2/models/{name}/versions/{version}", tags=["V2"])
     async def v2_model(self, name: str, request: Request, version: str | None = None) -> Response:
         async def work():
-            return v2.model_metadata(self._worker(name, version).meta)
+            _, worker = await self._pick(request, name, version, split=False)
+            return v2.model_metadata(worker.meta)
         return await self._handle(request, "v2", name, work)
 
     @api.get("/v2/models/{name}/ready", tags=["V2"])
     @api.get("/v2/models/{name}/versions/{version}/ready", tags=["V2"])
     async def v2_model_ready(self, name: str, request: Request, version: str | None = None) -> Response:
         async def work():
-            self._worker(name, version)
+            await self._pick(request, name, version, split=False)
             return {"name": name, "ready": True}
         return await self._handle(request, "v2", name, work, public=True)  # a health probe
 
@@ -326,10 +376,12 @@ class ModelServer:
     @api.post("/v2/models/{name}/versions/{version}/infer", tags=["V2"], openapi_extra=V2_REQUEST)
     async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
         async def work():
-            worker = self._worker(name, version)
+            served, worker = await self._pick(request, name, version)
             body, binary_outputs = await self._v2_body(request)
             X, outputs, request_id = v2.decode_request(body, worker.meta, worker.accepts_missing)
             results = await worker.infer(X, outputs)
+            if version is None:
+                served.mirror(X, outputs, results)
             response = v2.encode_response(self._answered_by(request, worker, results), results, outputs,
                                           request_id)
             if not binary_outputs:
@@ -338,6 +390,50 @@ class ModelServer:
             return Response(content, media_type="application/octet-stream",
                             headers={binary.HEADER_LENGTH: str(header_length)})
         return await self._handle(request, "v2", name, work)
+
+    # -- model repository (the V2 repository extension, as Triton and MLServer speak it) ------
+    async def _index(self) -> list[dict]:
+        """Live versions (READY) and the store's other versions (UNAVAILABLE, or loaded on
+        first use when the multiplexed long tail serves them)."""
+        entries = [entry for served in [*self.models.values(), *self._tail.values()] for entry in served.describe()]
+        live = {(e["name"], e["version"]) for e in entries}
+        stored = await asyncio.get_running_loop().run_in_executor(None, self.store.list_models)
+        mux = self.config.multiplexed
+        for name, versions in sorted(stored.items()):
+            for version in versions:
+                if (name, version) in live:
+                    continue
+                tail = mux is not None and name not in self.models and mux.serves(name)
+                entries.append({"name": name, "version": version, "state": "UNAVAILABLE",
+                                "serving": "multiplexed" if tail else None,
+                                "reason": "loads on first request" if tail else "in the store, not configured"})
+        return sorted(entries, key=lambda e: (e["name"], version_sort_key(e["version"])))
+
+    @api.get("/v2/repository/index", tags=["Repository"])
+    @api.post("/v2/repository/index", tags=["Repository"])
+    async def repository_index(self, request: Request) -> Response:
+        """Every model and version: what is live, where, with which share of traffic."""
+        async def work():
+            return await self._index()
+        return await self._handle(request, "admin", "", work)
+
+    @api.post("/v2/repository/models/{name}/load", tags=["Repository"])
+    async def repository_load(self, name: str, request: Request) -> Response:
+        """Reload ``name`` from the store in every replica that serves it, without a restart
+        (``latest`` is resolved again). Answers when all have reloaded."""
+        async def work():
+            await self._served(name)  # 404 for a name that is neither declared nor in the tail
+            generation, replicas, pending, failed = await request_reload(self._app_name, name, RELOAD_TIMEOUT_S)
+            if pending:
+                raise InferenceTimeout(f"{len(pending)} of {replicas} replicas did not reload {name!r} "
+                                       f"within {RELOAD_TIMEOUT_S} s")
+            if failed:
+                raise ReloadFailed(f"reloading {name!r} failed on {len(failed)} of {replicas} replicas (the "
+                                   f"loaded version keeps serving): {sorted(set(failed.values()))}")
+            await self._watcher.caught_up(name, generation)
+            served = await self._served(name)
+            return {"name": name, "generation": generation, "replicas": replicas, "versions": served.describe()}
+        return await self._handle(request, "admin", name, work, timeout=RELOAD_TIMEOUT_S + 5)
 
 
 def build_app(args: dict) -> serve.Application:
@@ -353,4 +449,6 @@ def build_app(args: dict) -> serve.Application:
         for spec in config.models
         if spec.dedicated
     }
-    return ModelServer.bind(config.model_dump(), dedicated)
+    multiplexed = (MultiplexedModels.options(name=MULTIPLEXED_DEPLOYMENT).bind(config.store, config.multiplexed)
+                   if config.multiplexed else None)
+    return ModelServer.bind(config.model_dump(), dedicated, multiplexed)

@@ -73,20 +73,91 @@ class ModelSpec(BaseModel):
     timeout_s: float = Field(
         30.0, gt=0, description="a request waiting longer than this for the model gets 504"
     )
+    versions: list[str] = Field(
+        default_factory=list, description="more versions kept live beside `version`, each addressable "
+        "at .../versions/<v>/...; versions named in `traffic` and `shadow` are live too")
+    traffic: dict[str, float] = Field(
+        default_factory=dict, description="weighted split of unversioned requests between live versions, "
+        "in percent (summing to 100), e.g. {'1': 90, '2': 10}; sticky per X-Request-ID. Empty: all "
+        "unversioned requests go to `version`")
+    shadow: str | None = Field(
+        None, description="a version that also gets every unversioned request; its answers are "
+        "compared with the served ones, counted and discarded")
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         return check_segment("name", value)
 
-    @field_validator("version", mode="before")
+    @field_validator("version", "shadow", mode="before")
     @classmethod
-    def _version(cls, value) -> str:
-        return str(value)
+    def _version(cls, value) -> str | None:
+        return None if value is None else check_segment("version", str(value))
+
+    @field_validator("versions", mode="before")
+    @classmethod
+    def _versions(cls, value) -> list[str]:
+        return [check_segment("version", str(v)) for v in value or ()]
+
+    @field_validator("traffic", mode="before")
+    @classmethod
+    def _traffic(cls, value) -> dict[str, float]:
+        return {check_segment("version", str(k)): v for k, v in (value or {}).items()}
+
+    @model_validator(mode="after")
+    def _split_adds_up(self) -> "ModelSpec":
+        if self.traffic:
+            if any(w < 0 for w in self.traffic.values()):
+                raise ValueError(f"model {self.name!r}: traffic weights must not be negative")
+            if abs(sum(self.traffic.values()) - 100) > 1e-6:
+                raise ValueError(f"model {self.name!r}: traffic weights sum to {sum(self.traffic.values())}, not 100")
+        if self.shadow is not None and self.shadow in self.traffic:
+            raise ValueError(f"model {self.name!r}: version {self.shadow!r} cannot both take traffic and shadow it")
+        return self
+
+    @property
+    def live_versions(self) -> list[str]:
+        """Every version label this model keeps loaded: the default first, then the rest."""
+        return list(dict.fromkeys([self.version, *self.versions, *self.traffic,
+                                   *([self.shadow] if self.shadow else [])]))
+
+    def for_version(self, version: str) -> "ModelSpec":
+        """The same settings for one of the live versions (what a worker loads)."""
+        return self.model_copy(update={"version": version, "versions": [], "traffic": {}, "shadow": None})
 
     @property
     def deployment_name(self) -> str:
         return f"model-{self.name}"
+
+
+class MultiplexSpec(BaseModel):
+    """The long tail: models served by one shared deployment (``multiplexed-models``) with Serve
+    model multiplexing. Each replica keeps at most ``max_models_per_replica`` models loaded
+    (least recently used evicted) and Serve routes a model's requests to replicas that have it.
+    Costs a DeploymentHandle hop and a load on a cold model; saves a deployment per model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(
+        default_factory=lambda: ["*"], description='names served this way; "*": every model in the store '
+        "that `models` does not declare")
+    max_models_per_replica: int = Field(8, ge=1, description="loaded models per replica before LRU eviction")
+    max_batch_size: int = Field(32, ge=1, description="rows per model call, at most (each model)")
+    timeout_s: float = Field(30.0, gt=0, description="a request waiting longer (a cold load included) gets 504")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _names(cls, value) -> list[str]:
+        return [v if v == "*" else check_segment("name", v) for v in value or ()]
+
+    def serves(self, name: str) -> bool:
+        return "*" in self.models or name in self.models
+
+    def spec_for(self, name: str, version: str) -> "ModelSpec":
+        return ModelSpec(name=name, version=version, max_batch_size=self.max_batch_size, timeout_s=self.timeout_s)
+
+
+MULTIPLEXED_DEPLOYMENT = "multiplexed-models"
 
 
 class AppConfig(BaseModel):
@@ -101,6 +172,8 @@ class AppConfig(BaseModel):
     )
     models: list[ModelSpec] = Field(min_length=1)
     access_log: AccessLogSpec = Field(default_factory=AccessLogSpec)
+    multiplexed: MultiplexSpec | None = Field(
+        None, description="serve the long tail of the store through Serve model multiplexing")
 
     @model_validator(mode="before")
     @classmethod

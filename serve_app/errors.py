@@ -21,6 +21,7 @@ REASONS = (
     "payload_too_large",
     "unauthorized",           # no or a wrong bearer token (serve_app.auth)
     "timeout",                # the model did not answer within the model's timeout_s (5xx)
+    "reload_failed",          # an admin reload could not load the stored model (the old one serves on)
 )
 
 
@@ -66,6 +67,14 @@ class PayloadTooLarge(InferenceError):
 class Unauthorized(InferenceError):
     status_code = 401
     reason = "unauthorized"
+
+
+class ReloadFailed(InferenceError):
+    """The store's model could not be loaded; the loaded version keeps serving: a conflict
+    between the request and the store's state, not a server fault."""
+
+    status_code = 409
+    reason = "reload_failed"
 
 
 class InferenceTimeout(InferenceError):

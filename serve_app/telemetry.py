@@ -80,7 +80,13 @@ METRICS = {m.name: m for m in (
            "Population Stability Index of the recent input window against training, per feature."),
     Metric("serve_app_drift_window_rows", "gauge", ("model", "version"),
            "Rows in the replica's drift window."),
+    Metric("serve_app_shadow_requests", "counter", ("model", "version", "outcome"),
+           "Requests mirrored to a shadow version: match / mismatch with the served answer, error, "
+           "or dropped (too many shadows in flight)."),
+    Metric("serve_app_shadow_latency_ms", "histogram", ("model", "version"),
+           "Time a shadow version took to answer a mirrored request.", tuple(LATENCY_BUCKETS_MS)),
 )}
+SHADOW_OUTCOMES = ("match", "mismatch", "error", "dropped")
 
 
 @functools.cache
@@ -145,6 +151,17 @@ class _GaugeKeeper:
                 self._thread.start()
         objects[name].set(value, tags=tags)
 
+    def forget(self, objects: dict, labels: dict[str, str]) -> None:
+        """Stop holding the gauges of one model version (unloaded): set to 0 once, then let
+        Ray age them out."""
+        with self._lock:
+            dropped = [key for key in self._values
+                       if all((k, v) in key[1] for k, v in labels.items())]
+            for key in dropped:
+                del self._values[key]
+        for name, tags in dropped:
+            objects[name].set(0, tags=dict(tags))
+
     def _run(self) -> None:
         import ray
 
@@ -182,6 +199,9 @@ class ModelTelemetry:
             _gauges.set(m, "serve_app_model_load_seconds", seconds, dict(self.labels))
         _emit(update)
 
+    def unloaded(self) -> None:
+        _emit(lambda m: _gauges.forget(m, self.labels))
+
     def called(self, rows: int, seconds: float, results: Mapping[str, np.ndarray]) -> None:
         def update(m):
             m["serve_app_model_calls"].inc(1, tags=self.labels)
@@ -208,6 +228,16 @@ class ModelTelemetry:
                 _gauges.set(m, "serve_app_feature_drift_psi", score, {**self.labels, "feature": feature})
             _gauges.set(m, "serve_app_drift_window_rows", rows, dict(self.labels))
         _emit(update)
+
+
+def shadow_done(model: str, version: str, outcome: str, seconds: float | None) -> None:
+    """One mirrored request: ``outcome`` is SHADOW_OUTCOMES' match, mismatch, error or dropped."""
+    def update(m):
+        tags = {"model": model, "version": version}
+        m["serve_app_shadow_requests"].inc(1, tags={**tags, "outcome": outcome})
+        if seconds is not None:
+            m["serve_app_shadow_latency_ms"].observe(seconds * 1000.0, tags=tags)
+    _emit(update)
 
 
 def request_done(model: str, version: str, protocol: str, code: int, seconds: float,

@@ -115,9 +115,11 @@ def dataset_split(name: str, seed: int = 0) -> DatasetSplit:
 
 
 def train_model(
-    name: str, store: ModelStore, version: str = "1", seed: int = 0, **params: Any
+    name: str, store: ModelStore, version: str = "1", seed: int = 0, save_as: str | None = None,
+    **params: Any
 ) -> ModelMetadata:
-    """Fit demo model ``name`` (estimator overrides in ``params``) and save it as ``version``."""
+    """Fit demo model ``name`` (estimator overrides in ``params``) and save it as ``version``
+    of ``save_as`` (default: ``name``; say, many variants of one dataset's model)."""
     spec = DEMO_MODELS[name]
     split = dataset_split(name, seed)
     X_train, X_test, y_train, y_test = split.X_train, split.X_test, split.y_train, split.y_test
@@ -125,7 +127,7 @@ def train_model(
     estimator = spec.make_estimator(**params).fit(X_train, y_train)
     runtime_cls = runtime_for(spec.framework)
     metadata = ModelMetadata(
-        name=name,
+        name=save_as or name,
         version=str(version),
         framework=spec.framework,
         task=spec.task,

@@ -19,7 +19,7 @@ import numpy as np
 from ray import serve
 
 from serve_app.codecs.tensors import EXPLANATION_OUTPUTS
-from serve_app.config import ModelSpec
+from serve_app.config import ModelSpec, MultiplexSpec
 from serve_app.drift import DriftMonitor
 from serve_app.runtimes import ModelRuntime, load_runtime
 from serve_app.store import ModelStore
@@ -46,6 +46,7 @@ class ModelWorker:
         # The model runs on a thread of its own, never on the event loop: a slow or stuck
         # model cannot freeze the replica (timeouts fire, health checks and other models answer).
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.meta.name}")
+        self._closed = False
         self._probe = self._reference_row()
         self._batched = serve.batch(
             max_batch_size=spec.max_batch_size,
@@ -67,6 +68,20 @@ class ModelWorker:
         self.spec = spec
         self._batched.set_max_batch_size(spec.max_batch_size)
         self._batched.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+
+    def close(self) -> None:
+        """Release the model's thread and stop reporting it (replaced, or evicted from a
+        multiplexed replica). Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._model_thread.shutdown(wait=False)
+            self.telemetry.unloaded()
+
+    def __del__(self) -> None:  # Serve's multiplexing calls it on eviction
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def _compute(self, X: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
@@ -173,10 +188,27 @@ class ModelWorker:
         asyncio.get_running_loop().run_in_executor(None, run)
 
 
+def load_versions(store: ModelStore, spec: ModelSpec) -> dict[str, ModelWorker]:
+    """A worker for each live version label of ``spec``; labels naming the same stored
+    version (``latest`` and ``"3"``) share one loaded model."""
+    by_version: dict[str, ModelWorker] = {}
+    workers = {}
+    for label in spec.live_versions:
+        version = store.resolve_version(spec.name, label)
+        if version not in by_version:
+            by_version[version] = ModelWorker.from_store(store, spec.for_version(version))
+        workers[label] = by_version[version]
+    return workers
+
+
+def replica_id() -> str:
+    return serve.get_replica_context().replica_id.unique_id
+
+
 # max_surge_percent: start the new replica before stopping the old one (see ModelServer).
 @serve.deployment(name="DedicatedModel", max_ongoing_requests=64, max_surge_percent=25)
 class DedicatedModel:
-    """A model in a deployment of its own, reached from the ingress by a handle.
+    """A model (each of its live versions) in a deployment of its own, reached by a handle.
 
     Costs one DeploymentHandle hop per request (measured in the README), in exchange for
     its own replicas, autoscaling and ``ray_actor_options``. Batching settings come from
@@ -184,13 +216,59 @@ class DedicatedModel:
     """
 
     def __init__(self, store_uri: str, spec: ModelSpec):
-        self.worker = ModelWorker.from_store(ModelStore(store_uri), spec)
+        from serve_app.reloads import ReloadWatcher
+
+        self.store, self.spec = ModelStore(store_uri), spec
+        self.workers = load_versions(self.store, spec)
+        self._watcher = ReloadWatcher(serve.get_replica_context().app_name, replica_id(),
+                                      lambda: [spec.name], self._reload)
+
+    async def _reload(self, _name: str) -> None:
+        old = self.workers
+        self.workers = await asyncio.get_running_loop().run_in_executor(None, load_versions, self.store, self.spec)
+        close_later(old.values(), self.spec.timeout_s)
 
     def reconfigure(self, user_config: dict) -> None:
-        self.worker.reconfigure(self.worker.spec.model_copy(update=user_config))
+        self.spec = self.spec.model_copy(update=user_config)
+        for worker in {id(w): w for w in self.workers.values()}.values():
+            worker.reconfigure(worker.spec.model_copy(update=user_config))
 
-    async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
-        return await self.worker.infer(X, outputs)
+    async def infer(self, X: np.ndarray, outputs: tuple[str, ...], label: str | None = None) -> dict[str, np.ndarray]:
+        self._watcher.start()
+        return await self.workers[label or self.spec.version].infer(X, outputs)
 
     async def check_health(self) -> None:
-        await self.worker.check()
+        self._watcher.start()
+        for worker in {id(w): w for w in self.workers.values()}.values():
+            await worker.check()
+
+
+def close_later(workers, after_s: float) -> None:
+    """Close replaced workers once requests already holding them have had time to finish."""
+    unique = list({id(w): w for w in workers}.values())
+    asyncio.get_running_loop().call_later(after_s + 1.0, lambda: [w.close() for w in unique])
+
+
+@serve.deployment(name="MultiplexedModels", max_ongoing_requests=64, max_surge_percent=25)
+class MultiplexedModels:
+    """The long tail: any stored model, loaded on first use into a replica's LRU cache.
+
+    Serve's model multiplexing routes a model id (``name:version:generation``) to a replica
+    that already holds it where it can; a replica holding ``max_models_per_replica`` models
+    evicts the least recently used one (its thread and metrics go with it).
+    """
+
+    def __init__(self, store_uri: str, spec: MultiplexSpec):
+        self.store, self.spec = ModelStore(store_uri), spec
+        self.get_model = serve.multiplexed(max_num_models_per_replica=spec.max_models_per_replica)(self._load)
+
+    async def _load(self, model_id: str) -> ModelWorker:
+        from serve_app.served import parse_multiplexed_model_id
+
+        name, version = parse_multiplexed_model_id(model_id)
+        return await asyncio.get_running_loop().run_in_executor(
+            None, ModelWorker.from_store, self.store, self.spec.spec_for(name, version))
+
+    async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        worker = await self.get_model(serve.get_multiplexed_model_id())
+        return await worker.infer(X, outputs)

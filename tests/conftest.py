@@ -23,6 +23,7 @@ import httpx
 import pytest
 import yaml
 
+from serve_app.store import ModelStore
 from serve_app.localserve import (HAPROXY_RETRY_ON, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
                                   stop_ray_cluster, wait_ready)
 
@@ -173,7 +174,51 @@ def make_test_config(store: Path, port: int, api_token: str) -> dict:
     # The guarded application has a store of its own: versions added there by the tests never
     # change what "latest" means for the main application.
     config["applications"].append(guarded_app(store.parent / "guarded_store", api_token))
+    config["applications"].append(fleet_app(store.parent / "fleet_store"))
     return config
+
+
+FLEET = "/fleet"
+TAIL_MODELS = [f"tail-{i:02d}" for i in range(20)]
+FLEET_MAX_MODELS_PER_REPLICA = 4
+
+
+def fleet_app(store: Path) -> dict:
+    """A third application for versions and the long tail (tests/test_versions.py): iris with
+    three live versions (80/20 canary between 1 and 2, version 3 in shadow), diabetes on
+    "latest" (the reload test trains a new version), and every other stored model multiplexed
+    on one replica holding at most FLEET_MAX_MODELS_PER_REPLICA models. Its store is filled
+    before the cluster starts (prepare_fleet_store)."""
+    return {
+        "name": "fleet", "route_prefix": FLEET, "import_path": "serve_app.app:build_app",
+        "args": {"store": str(store), "train_if_missing": False, "access_log": {"sample_rate": 0},
+                 "models": [
+                     {"name": "iris", "version": "1", "traffic": {"1": 80, "2": 20}, "shadow": "3",
+                      "drift": {"window_rows": 0}},
+                     {"name": "diabetes", "drift": {"window_rows": 0}},
+                 ],
+                 "multiplexed": {"models": ["*"], "max_models_per_replica": FLEET_MAX_MODELS_PER_REPLICA}},
+        "deployments": [
+            {"name": "ModelServer", "num_replicas": 1, "max_ongoing_requests": 64,
+             "ray_actor_options": {"num_cpus": 0.25}},
+            {"name": "multiplexed-models", "num_replicas": 1, "max_ongoing_requests": 64,
+             "ray_actor_options": {"num_cpus": 0.25}},
+        ],
+    }
+
+
+def prepare_fleet_store(path: Path) -> None:
+    """iris 1-3 (version 3 is much more regularised: it disagrees with 1 on some rows) and
+    diabetes 1, and twenty small iris variants for the long tail, each with its own C."""
+    from serve_app.train import train_model
+
+    store = ModelStore(str(path))
+    train_model("iris", store, version="1")
+    train_model("iris", store, version="2", C=0.5)
+    train_model("iris", store, version="3", C=0.001)
+    train_model("diabetes", store, version="1")
+    for i, name in enumerate(TAIL_MODELS):
+        train_model("iris", store, version="1", save_as=name, C=0.001 * 2 ** i)
 
 
 GUARDED = "/guarded"
@@ -206,6 +251,7 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
      fallback_http, fallback_grpc) = (free_port() for _ in range(8))
     api_token = secrets.token_urlsafe(24)
     config = make_test_config(store, http_port, api_token)
+    prepare_fleet_store(work / "fleet_store")
     config_path = work / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_metrics_report_interval_ms": "1000",
@@ -240,6 +286,7 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
 
         ray.init(address=gcs, namespace="serve", log_to_driver=False)
         wait_ready(f"{url}{GUARDED}/v2/health/ready", proc)
+        wait_ready(f"{url}{FLEET}/v2/health/ready", proc)
         yield ServeCluster(url, gcs, f"http://127.0.0.1:{metrics_port}/metrics", config, store, ray_temp, api_token,
                            f"http://127.0.0.1:{dash_port}")
     except BaseException:
