@@ -423,16 +423,16 @@ class ModelServer:
         (``latest`` is resolved again). Answers when all have reloaded."""
         async def work():
             await self._served(name)  # 404 for a name that is neither declared nor in the tail
-            generation, replicas, pending, failed = await request_reload(self._app_name, name, RELOAD_TIMEOUT_S)
+            generation, reloaded, pending, failed = await request_reload(self._app_name, name, RELOAD_TIMEOUT_S)
             if pending:
-                raise InferenceTimeout(f"{len(pending)} of {replicas} replicas did not reload {name!r} "
-                                       f"within {RELOAD_TIMEOUT_S} s")
+                raise InferenceTimeout(f"{len(pending)} replicas did not reload {name!r} within {RELOAD_TIMEOUT_S} s")
             if failed:
-                raise ReloadFailed(f"reloading {name!r} failed on {len(failed)} of {replicas} replicas (the "
-                                   f"loaded version keeps serving): {sorted(set(failed.values()))}")
+                raise ReloadFailed(f"reloading {name!r} failed on {len(failed)} replicas (the loaded version "
+                                   f"keeps serving): {sorted(set(failed.values()))}")
             await self._watcher.caught_up(name, generation)
             served = await self._served(name)
-            return {"name": name, "generation": generation, "replicas": replicas, "versions": served.describe()}
+            return {"name": name, "generation": generation, "replicas_reloaded": reloaded,
+                    "versions": served.describe()}
         return await self._handle(request, "admin", name, work, timeout=RELOAD_TIMEOUT_S + 5)
 
 

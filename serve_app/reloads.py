@@ -35,28 +35,32 @@ class ReloadBoard:
     def __init__(self):
         self.epoch = uuid.uuid4().hex
         self.generations: dict[str, int] = {}
-        # replica -> (last poll, hosted models, acknowledged generations, failed reloads)
-        self.replicas: dict[str, tuple[float, frozenset[str], dict[str, int], dict[str, str]]] = {}
+        # replica -> (last poll, hosted models, acknowledged generations, failed reloads,
+        #             the generation each model was last reloaded at)
+        self.replicas: dict[str, tuple] = {}
 
     def bump(self, model: str) -> int:
         self.generations[model] = self.generations.get(model, 0) + 1
         return self.generations[model]
 
     def poll(self, replica: str, hosted: list[str], acknowledged: dict[str, int],
-             failed: dict[str, str]) -> tuple[str, dict[str, int]]:
-        self.replicas[replica] = (time.monotonic(), frozenset(hosted), dict(acknowledged), dict(failed))
+             failed: dict[str, str], reloaded: dict[str, int]) -> tuple[str, dict[str, int]]:
+        self.replicas[replica] = (time.monotonic(), frozenset(hosted), dict(acknowledged), dict(failed),
+                                  dict(reloaded))
         return self.epoch, dict(self.generations)
 
     def status(self, model: str, generation: int) -> tuple[int, list[str], dict[str, str]]:
-        """Of the live replicas hosting ``model``: how many, which have not acknowledged
-        ``generation`` yet, and the errors of those whose reload failed (they kept the old model)."""
+        """Of the live replicas: how many reloaded ``model`` at ``generation``, which host it
+        and have not acknowledged ``generation`` yet, and the errors of those whose reload
+        failed (they kept the old model)."""
         now = time.monotonic()
-        live = {replica: state for replica, state in self.replicas.items()
-                if now - state[0] < REPLICA_SILENT_AFTER_S and model in state[1]}
-        pending = sorted(r for r, (_, _, acked, _) in live.items() if acked.get(model, 0) < generation)
-        failed = {r: errors[model] for r, (_, _, acked, errors) in live.items()
+        live = {replica: state for replica, state in self.replicas.items() if now - state[0] < REPLICA_SILENT_AFTER_S}
+        pending = sorted(r for r, (_, hosted, acked, _, _) in live.items()
+                         if model in hosted and acked.get(model, 0) < generation)
+        failed = {r: errors[model] for r, (_, _, acked, errors, _) in live.items()
                   if acked.get(model, 0) >= generation and model in errors}
-        return len(live), pending, failed
+        reloaded = sum(1 for (_, _, _, _, done) in live.values() if done.get(model, 0) >= generation)
+        return reloaded, pending, failed
 
 
 def board_name(app_name: str) -> str:
@@ -78,6 +82,7 @@ class ReloadWatcher:
         self._epoch: str | None = None
         self._generations: dict[str, int] = {}
         self._failed: dict[str, str] = {}
+        self._reloaded: dict[str, int] = {}
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -90,14 +95,14 @@ class ReloadWatcher:
             try:
                 board = board or get_board(self.app_name)
                 epoch, generations = await board.poll.remote(self.replica, list(self._hosted()),
-                                                             self._generations, self._failed)
+                                                             self._generations, self._failed, self._reloaded)
                 if epoch != self._epoch:  # first poll, or a new board: the baseline, nothing to do
                     self._epoch, self._generations = epoch, dict(generations)
                 else:
                     for model, generation in generations.items():
                         if generation > self._generations.get(model, 0):
                             if model in set(self._hosted()):
-                                await self._reload_one(model)
+                                await self._reload_one(model, generation)
                             self._generations[model] = generation
             except ray.exceptions.RayActorError:
                 board = None  # the board is gone: the next poll makes a new one
@@ -115,10 +120,11 @@ class ReloadWatcher:
         while self.generation(model) < generation and time.monotonic() < deadline:
             await asyncio.sleep(POLL_INTERVAL_S / 4)
 
-    async def _reload_one(self, model: str) -> None:
+    async def _reload_one(self, model: str, generation: int) -> None:
         try:
             await self._reload(model)
             self._failed.pop(model, None)
+            self._reloaded[model] = generation
         except Exception as exc:  # the old model keeps serving; the admin call reports the error
             logger.exception("reloading model %r failed; the loaded version keeps serving", model)
             self._failed[model] = f"{type(exc).__name__}: {exc}"
@@ -126,8 +132,8 @@ class ReloadWatcher:
 
 async def request_reload(app_name: str, model: str, timeout_s: float) -> tuple[int, int, list[str], dict[str, str]]:
     """Bump ``model``'s generation and wait until every live replica hosting it has reloaded.
-    Returns the generation, and :meth:`ReloadBoard.status` at the end (hosts, still pending,
-    failed)."""
+    Returns the generation, and :meth:`ReloadBoard.status` at the end (replicas reloaded,
+    still pending, failed)."""
     board = get_board(app_name)
     generation = await board.bump.remote(model)
     deadline = time.monotonic() + timeout_s

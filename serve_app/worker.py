@@ -260,7 +260,10 @@ class MultiplexedModels:
 
     def __init__(self, store_uri: str, spec: MultiplexSpec):
         self.store, self.spec = ModelStore(store_uri), spec
-        self.get_model = serve.multiplexed(max_num_models_per_replica=spec.max_models_per_replica)(self._load)
+        async def load(model_id: str) -> ModelWorker:  # a function: Serve keeps its cache on it
+            return await self._load(model_id)
+
+        self.get_model = serve.multiplexed(max_num_models_per_replica=spec.max_models_per_replica)(load)
 
     async def _load(self, model_id: str) -> ModelWorker:
         from serve_app.served import parse_multiplexed_model_id
