@@ -219,13 +219,16 @@ class DedicatedModel:
         from serve_app.reloads import ReloadWatcher
 
         self.store, self.spec = ModelStore(store_uri), spec
-        self.workers = load_versions(self.store, spec)
+        self._set_workers(load_versions(self.store, spec))
         self._watcher = ReloadWatcher(serve.get_replica_context().app_name, replica_id(),
                                       lambda: [spec.name], self._reload)
 
+    def _set_workers(self, workers: dict[str, ModelWorker]) -> None:
+        self.workers, self._by_version = workers, {w.meta.version: w for w in workers.values()}
+
     async def _reload(self, _name: str) -> None:
         old = self.workers
-        self.workers = await asyncio.get_running_loop().run_in_executor(None, load_versions, self.store, self.spec)
+        self._set_workers(await asyncio.get_running_loop().run_in_executor(None, load_versions, self.store, self.spec))
         close_later(old.values(), self.spec.timeout_s)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -234,8 +237,12 @@ class DedicatedModel:
             worker.reconfigure(worker.spec.model_copy(update=user_config))
 
     async def infer(self, X: np.ndarray, outputs: tuple[str, ...], label: str | None = None) -> dict[str, np.ndarray]:
+        """``label`` is the version the ingress chose. During a rollout an ingress with the new
+        config can reach a replica with the old one (or the reverse): a label this replica does
+        not have gets its default version, and the answer names the version that computed it."""
         self._watcher.start()
-        return await self.workers[label or self.spec.version].infer(X, outputs)
+        worker = self.workers.get(label) or self._by_version.get(label) or self.workers[self.spec.version]
+        return await worker.infer(X, outputs)
 
     async def check_health(self) -> None:
         self._watcher.start()
