@@ -126,6 +126,17 @@ def serve_run(cluster: RayCluster, config: dict, log_path: Path) -> Iterator[str
             yield cluster.url
         finally:
             stop_process_group(proc, timeout=90)  # Ctrl-C: serve run deletes its applications
+            # Wait until they are gone: replicas behind HAProxy drain for up to 30 s, and a
+            # draining replica (or an HAProxy still holding it) must not share the next
+            # configuration's measurement.
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while time.monotonic() < deadline:
+                try:
+                    if not names & set(_applications(cluster)):
+                        break
+                except (httpx.HTTPError, ValueError):
+                    pass
+                time.sleep(1)
 
 
 @contextmanager

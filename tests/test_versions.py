@@ -6,9 +6,11 @@ twenty stored models multiplexed four to a replica)."""
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -247,6 +249,23 @@ def test_reload_serves_a_new_stored_version_without_losing_a_request(serve_clust
 
     missing = fleet.post("/v2/repository/models/no-such-model/load")
     assert missing.status_code == 404 and missing.json()["reason"] == "model_not_found"
+
+
+def test_a_reload_that_cannot_load_keeps_the_old_version(serve_cluster, fleet, fleet_store):
+    """A stored version 3 whose artifact does not match its sha256: the reload answers 409
+    (reload_failed) and version 2 keeps answering."""
+    from serve_app.train import train_model
+
+    meta = train_model("diabetes", fleet_store, version="3")
+    version_dir = Path(fleet_store.uri) / "diabetes" / "3"
+    (version_dir / meta.artifact).write_bytes(b"not the model that was trained")
+    try:
+        answer = fleet.post("/v2/repository/models/diabetes/load")
+        assert answer.status_code == 409 and answer.json()["reason"] == "reload_failed", answer.text
+        after = fleet.post("/v1/models/diabetes:predict", json={"instances": [[0.0] * 10]})
+        assert after.status_code == 200 and after.headers["x-model-version"] == "2"
+    finally:
+        shutil.rmtree(version_dir)  # later redeploys load "latest" again
 
 
 def test_admin_endpoints_want_the_token_when_one_is_set(serve_cluster):
