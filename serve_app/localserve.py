@@ -97,6 +97,7 @@ def stop_ray_cluster(temp_dir: str | os.PathLike, timeout: float = 15) -> None:
                 mine.update((child.pid, child) for child in proc.children(recursive=True))
         except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
             pass
+    groups.discard(os.getpgrp())  # never the caller's own group (its shell, make, CI runner)
     for proc in psutil.process_iter():
         try:  # orphans only: a live parent (a shell, a notebook kernel) in that group is not Ray's
             if proc.pid not in mine and proc.ppid() == 1 and os.getpgid(proc.pid) in groups:
@@ -104,6 +105,8 @@ def stop_ray_cluster(temp_dir: str | os.PathLike, timeout: float = 15) -> None:
         except (psutil.NoSuchProcess, ProcessLookupError):
             pass
     mine.pop(os.getpid(), None)
+    for ancestor in psutil.Process().parents():  # whatever matched, never the caller's ancestors
+        mine.pop(ancestor.pid, None)
     mine = list(mine.values())
     for proc in mine:
         try:

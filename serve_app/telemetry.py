@@ -18,6 +18,7 @@ import functools
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -179,6 +180,9 @@ class _GaugeKeeper:
 
 
 _gauges = _GaugeKeeper()
+# Loaded workers per (model, version) in this process (see ModelTelemetry.unloaded).
+_loaded: Counter = Counter()
+_loaded_lock = threading.Lock()
 
 
 def _outcome(code: int) -> str:
@@ -193,6 +197,9 @@ class ModelTelemetry:
         self.labels = {"model": meta.name, "version": meta.version}
 
     def loaded(self, seconds: float) -> None:
+        with _loaded_lock:
+            _loaded[(self.meta.name, self.meta.version)] += 1
+
         def update(m):
             _gauges.set(m, "serve_app_model_info", 1, {**self.labels, "framework": self.meta.framework,
                                                        "sha256": self.meta.sha256})
@@ -200,7 +207,14 @@ class ModelTelemetry:
         _emit(update)
 
     def unloaded(self) -> None:
-        _emit(lambda m: _gauges.forget(m, self.labels))
+        """The model left this replica; its gauges go unless another worker loaded the same
+        version (a reload of an unchanged version loads the new one before the old closes)."""
+        key = (self.meta.name, self.meta.version)
+        with _loaded_lock:
+            _loaded[key] -= 1
+            last = _loaded[key] <= 0
+        if last:
+            _emit(lambda m: _gauges.forget(m, self.labels))
 
     def called(self, rows: int, seconds: float, results: Mapping[str, np.ndarray]) -> None:
         def update(m):

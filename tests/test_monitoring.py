@@ -107,17 +107,21 @@ def test_ray_targets_discovered_through_file_sd(prometheus, serve_cluster):
     assert not any(i.endswith(":44217") for i in instances), "the local autoscaler port is dropped"
 
 
+# The shipped application's deployments: the ingress, the dedicated model, the long tail.
+DEPLOYMENTS = {"ModelServer", "model-diabetes", "multiplexed-models"}
+
+
 def test_builtin_serve_metrics_present(prometheus, http):
     http.post("/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
-    # Both deployments HEALTHY (6); an autoscaling step in between shows as 4/5 for a while.
+    # Every deployment HEALTHY (6); an autoscaling step in between shows as 4/5 for a while.
     prometheus.wait_for(
         'ray_serve_deployment_status{application="models"}',
-        lambda r: {s["metric"]["deployment"] for s in r} >= {"ModelServer", "model-diabetes"}
-        and all(s["value"][1] == "6" for s in r), what="both deployments HEALTHY")
+        lambda r: {s["metric"]["deployment"] for s in r} >= DEPLOYMENTS
+        and all(s["value"][1] == "6" for s in r), what="every deployment HEALTHY")
     prometheus.wait_for('ray_serve_num_http_requests_total{application="models",status_code="200"}',
                         lambda r: r and float(r[0]["value"][1]) > 0)
     replicas = prometheus.query('ray_serve_autoscaling_target_replicas{application="models"}')
-    assert {s["metric"]["deployment"] for s in replicas} == {"ModelServer", "model-diabetes"}
+    assert {s["metric"]["deployment"] for s in replicas} == DEPLOYMENTS
 
 
 def settled(prometheus: Prometheus, serve_cluster, name: str, quiet_s: float = 4, **labels: str) -> float:

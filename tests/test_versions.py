@@ -240,6 +240,10 @@ def test_reload_serves_a_new_stored_version_without_losing_a_request(serve_clust
     failures = [o for o in load.outcomes if not o.ok]
     versions = [o.body["model_version"] for o in load.outcomes if o.ok]
     assert failures == [] and versions[0] == "1" and versions[-1] == "2", (failures[:3], versions[:3], versions[-3:])
+    # The replica reports what it has loaded now: version 2, and version 1 no more.
+    wait_for("model_info of version 2 only", lambda: (
+        metric(serve_cluster, "ray_serve_app_model_info", model="diabetes", version="2") == 1
+        and metric(serve_cluster, "ray_serve_app_model_info", model="diabetes", version="1") == 0))
 
     # A multiplexed model reloads too: the next request loads the new version.
     train_model("iris", fleet_store, version="2", save_as="tail-07", C=3.0)
@@ -277,6 +281,9 @@ def test_admin_endpoints_want_the_token_when_one_is_set(serve_cluster):
     headers = {"Authorization": f"Bearer {serve_cluster.api_token}"}
     assert httpx.post(url + "/v2/repository/models/iris/load", headers=headers, timeout=90).status_code == 200
     assert httpx.get(url + "/v2/repository/index", headers=headers, timeout=60).status_code == 200
+    # Reloading an unchanged version keeps its model_info (the old worker closes after the new loads).
+    time.sleep(5)  # several report intervals: a dropped gauge would be gone by now
+    assert serve_cluster.metric_total("ray_serve_app_model_info", application="guarded", model="iris") >= 1
 
 
 # -- updates without downtime ---------------------------------------------------------------
