@@ -186,8 +186,10 @@ class ModelServer:
         try:
             meta = await asyncio.get_running_loop().run_in_executor(None, self.store.read_metadata, name, version)
         except (ModelStoreError, ValueError):
-            what = f"model {name!r}" + (f" version {version!r}" if version else "")
-            raise ModelNotFoundError(f"{what} is not in the store") from None
+            if version is None:
+                raise ModelNotFoundError(f"model {name!r} is not served and not in the store; served: "
+                                         f"{sorted(self.models)}") from None
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r} in the store") from None
         mux = self.config.multiplexed
         return MultiplexedWorker(meta, runtime_for(meta.framework).accepts_missing, self._multiplexed,
                                  mux.spec_for(name, meta.version), self._watcher.generation(name))
