@@ -29,6 +29,7 @@ from serve_app.localserve import (HAPROXY_RETRY_ON, haproxy_paths, stop_orphaned
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 300  # a loaded 2-core machine starts Ray and replicas slowly
+DRAIN_WAIT_S = 40
 RAY_START_ATTEMPTS = 3
 
 
@@ -126,10 +127,10 @@ def serve_run(cluster: RayCluster, config: dict, log_path: Path) -> Iterator[str
             yield cluster.url
         finally:
             stop_process_group(proc, timeout=90)  # Ctrl-C: serve run deletes its applications
-            # Wait until they are gone: replicas behind HAProxy drain for up to 30 s, and a
-            # draining replica (or an HAProxy still holding it) must not share the next
-            # configuration's measurement.
-            deadline = time.monotonic() + READY_TIMEOUT_S
+            # Wait until they are gone (at most the 30 s that replicas behind HAProxy drain,
+            # plus a little): a draining replica must not share the next configuration's
+            # measurement.
+            deadline = time.monotonic() + DRAIN_WAIT_S
             while time.monotonic() < deadline:
                 try:
                     if not names & set(_applications(cluster)):
