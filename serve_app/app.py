@@ -38,7 +38,8 @@ from serve_app.runtimes import runtime_for
 from serve_app.reloads import ReloadWatcher, request_reload
 from serve_app.served import MultiplexedWorker, RemoteWorker, ServedModel
 from serve_app.store import ModelStore, ModelStoreError, version_sort_key
-from serve_app.worker import DedicatedModel, ModelWorker, MultiplexedModels, close_later, load_versions, replica_id
+from serve_app.worker import (DedicatedModel, ModelWorker, MultiplexedModels, close_later, distinct, load_versions,
+                              replica_id)
 
 # Serve's own logger: its records get Serve's JSON encoding and the request id.
 logger = logging.getLogger("ray.serve")
@@ -141,7 +142,7 @@ class ModelServer:
         """Serve replaces this replica when an in-process model stops predicting."""
         self._watcher.start()
         for served in self.models.values():
-            for worker in {id(w): w for w in served.by_version.values()}.values():
+            for worker in distinct(served.by_version.values()):
                 if isinstance(worker, ModelWorker):
                     await worker.check()
 
@@ -279,7 +280,7 @@ class ModelServer:
                              extra={"model": name, "protocol": protocol, "status_code": 500})
             response = error_response(500, "internal error; see server logs")
         # Only served names become label values: arbitrary URLs must not create metric series.
-        known = self._known(name)
+        known = known or self._known(name)  # a long-tail model is known once its first request ran
         model, version = ((name, getattr(request.state, "model_version", known.meta.version)) if known
                           else (telemetry.UNKNOWN_MODEL, ""))
         if known is not None and response.status_code < 400:

@@ -22,6 +22,7 @@ from serve_app.errors import InferenceError, ModelNotFoundError
 from serve_app.metadata import ModelMetadata
 from serve_app.routing import TrafficSplit
 from serve_app.store import ModelStore
+from serve_app.worker import distinct
 
 logger = logging.getLogger("ray.serve")
 
@@ -187,7 +188,7 @@ class ServedModel:
         return entries
 
     def close(self) -> None:
-        for worker in {id(w): w for w in self.by_version.values()}.values():
+        for worker in distinct(self.by_version.values()):
             worker.close()
 
 

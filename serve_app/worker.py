@@ -201,6 +201,11 @@ def load_versions(store: ModelStore, spec: ModelSpec) -> dict[str, ModelWorker]:
     return workers
 
 
+def distinct(workers) -> list:
+    """Each worker once: several version labels ("latest", "3") can share one loaded model."""
+    return list({id(w): w for w in workers}.values())
+
+
 def replica_id() -> str:
     return serve.get_replica_context().replica_id.unique_id
 
@@ -233,7 +238,7 @@ class DedicatedModel:
 
     def reconfigure(self, user_config: dict) -> None:
         self.spec = self.spec.model_copy(update=user_config)
-        for worker in {id(w): w for w in self.workers.values()}.values():
+        for worker in distinct(self.workers.values()):
             worker.reconfigure(worker.spec.model_copy(update=user_config))
 
     async def infer(self, X: np.ndarray, outputs: tuple[str, ...], label: str | None = None) -> dict[str, np.ndarray]:
@@ -246,13 +251,13 @@ class DedicatedModel:
 
     async def check_health(self) -> None:
         self._watcher.start()
-        for worker in {id(w): w for w in self.workers.values()}.values():
+        for worker in distinct(self.workers.values()):
             await worker.check()
 
 
 def close_later(workers, after_s: float) -> None:
     """Close replaced workers once requests already holding them have had time to finish."""
-    unique = list({id(w): w for w in workers}.values())
+    unique = distinct(workers)
     asyncio.get_running_loop().call_later(after_s + 1.0, lambda: [w.close() for w in unique])
 
 
