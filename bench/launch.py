@@ -75,7 +75,10 @@ def ray_cluster(ha_proxy: bool, work: Path) -> Iterator[RayCluster]:
                    f"--temp-dir={temp_dir}", "--disable-usage-stats"]
         for attempt in range(RAY_START_ATTEMPTS):
             # `ray start` gives its raylet a fixed 30 s to register: a busy machine can miss that.
-            if subprocess.run(command, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT).returncode == 0:
+            # A session of its own: stop_ray_cluster finds Ray's orphans (its client server) by
+            # process group, and never touches the caller's.
+            if subprocess.run(command, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True).returncode == 0:
                 break
             stop_ray_cluster(temp_dir)
         else:
