@@ -149,7 +149,7 @@ LEVERS = {lever.key: lever for lever in (
     # Shipped: wait 0, a batch is whatever queued while the model was busy.
     Lever("batch-wait-2ms", "batch wait 2 ms (shipped: 0)", batching(32, 0.002), concurrency=(1, 16, 64)),
     Lever("handle-hop", "model behind a DeploymentHandle (dedicated)", dedicated),
-    Lever("replicas-1", "1 ingress replica (shipped: autoscaling 1-4, 2 at start)", replicas(1)),
+    Lever("replicas-1", "1 ingress replica (shipped: autoscaling 2-4)", replicas(1)),
     Lever("replicas-4", "4 ingress replicas", replicas(4)),
     Lever("npy", "application/x-npy instead of the V2 binary extension", binary_format="npy",
           workloads=("xgb-1000-binary",)),

@@ -92,12 +92,17 @@ def ray_cluster(ha_proxy: bool, work: Path) -> Iterator[RayCluster]:
         log.close()
 
 
-def _applications(cluster: RayCluster) -> dict:
+def _serve_api(cluster: RayCluster, method: str) -> httpx.Response:
+    """Serve's REST API on the cluster's dashboard (token auth is on)."""
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-    response = httpx.get(f"{cluster.dashboard_url}/api/serve/applications/", timeout=10,
-                         headers={"Authorization": f"Bearer {token}"})
+    response = httpx.request(method, f"{cluster.dashboard_url}/api/serve/applications/", timeout=30,
+                             headers={"Authorization": f"Bearer {token}"})
     response.raise_for_status()
-    return response.json().get("applications") or {}
+    return response
+
+
+def _applications(cluster: RayCluster) -> dict:
+    return _serve_api(cluster, "GET").json().get("applications") or {}
 
 
 @contextmanager
@@ -137,10 +142,15 @@ def serve_run(cluster: RayCluster, config: dict, log_path: Path) -> Iterator[str
                 time.sleep(1)
             yield cluster.url
         finally:
-            stop_process_group(proc, timeout=90)  # Ctrl-C: serve run deletes its applications
-            # Wait until they are gone (replicas behind HAProxy drain for 30 s; deleting took
-            # over 40 s here): a draining replica must not share the next configuration's
-            # measurement.
+            stop_process_group(proc, timeout=90)
+            # Ctrl-C makes serve run shut Serve down, which here times out and leaves the
+            # applications running: delete them through the REST API, and wait until they are
+            # gone (an ingress replica drains for up to 35 s): a draining replica must not
+            # share the next configuration's measurement.
+            try:
+                _serve_api(cluster, "DELETE")
+            except httpx.HTTPError as exc:
+                print(f"  deleting the applications failed: {exc}", flush=True)
             deadline = time.monotonic() + DRAIN_WAIT_S
             while True:
                 try:
