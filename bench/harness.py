@@ -107,7 +107,7 @@ def replicas(n: int) -> Callable[[dict], None]:
         ingress.pop("autoscaling_config", None)
         ingress["num_replicas"] = n
         # Logical CPUs are scheduling tokens: n replicas must fit Ray's count of the real cores
-        # beside the dedicated model's 0.25.
+        # beside the dedicated and the multiplexed deployments' 0.25 each.
         cores = os.cpu_count() or 2
         ingress.setdefault("ray_actor_options", {})["num_cpus"] = min(0.5, (cores - 0.5) / n)
     return change
@@ -121,8 +121,13 @@ def every(*changes: Callable[[dict], None]) -> Callable[[dict], None]:
 
 
 def dedicated(config: dict) -> None:
-    """breast-cancer in a deployment of its own: one DeploymentHandle hop per request."""
+    """breast-cancer in a deployment of its own: one DeploymentHandle hop per request. Its one
+    replica asks for a quarter CPU, like the shipped dedicated model: at Serve's default of one
+    CPU the second ingress replica finds no room on two cores and never starts."""
     next(m for m in _models(config) if m["name"] == "breast-cancer")["dedicated"] = True
+    config["applications"][0]["deployments"].append(
+        {"name": "model-breast-cancer", "num_replicas": 1, "max_ongoing_requests": 64,
+         "ray_actor_options": {"num_cpus": 0.25}})
 
 
 @dataclass(frozen=True)
