@@ -88,8 +88,8 @@ class ReloadWatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        """Start polling from a thread of its own: Ray calls never run on the replica's event
-        loop (measured: polling from the loop made a redeployed replica answer in ~100 ms)."""
+        """Start polling from a thread of its own: a slow or lost board (a Ray call of up to
+        10 s) never holds the replica's event loop; only the reload itself runs there."""
         if self._thread is None:
             self._loop = asyncio.get_running_loop()
             self._thread = threading.Thread(target=self._run, name="serve-app-reloads", daemon=True)
