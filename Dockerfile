@@ -6,11 +6,11 @@
 #
 # Behind a TLS-intercepting proxy, hand pip its CA as a build secret (never stored in a layer):
 #   docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt ...
-# README "Container" has the details; tests/test_image.py builds, runs and queries this file.
+# docs/container.md has the details; tests/test_image.py builds, runs and queries this file.
 
 # Any Debian bookworm with Python 3.11 (python3, python3-venv) fits. The default is the
 # official slim image; rayproject/ray adds Anaconda and every Ray library's dependencies, and
-# Ray comes at the same pin from the lock either way (README "Container").
+# Ray comes at the same pin from the lock either way (docs/container.md).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # ---- base: what the image needs besides Python; shared by all stages, so built once.

@@ -7,11 +7,11 @@ STAMP  := $(VENV)/.installed
 STORE  ?= ./model_store
 CONFIG ?= configs/serve_config.yaml
 
-# The fast path (README "Fast path"): HAProxy in front of replicas that serve HTTP directly.
+# The fast path (docs/performance.md#fast-path): HAProxy in front of replicas that serve HTTP directly.
 # Ray token authentication stays on; local clients read the token from ~/.ray/auth_token.
 export RAY_SERVE_ENABLE_HA_PROXY ?= 1
 # Predictions are idempotent: HAProxy resends a request whose replica died before answering
-# (README "Reliability and security"); Ray's default retries only failed connections.
+# (docs/reliability-security.md); Ray's default retries only failed connections.
 export RAY_SERVE_HAPROXY_RETRY_ON ?= conn-failure empty-response
 export RAY_AUTH_MODE ?= token
 export RAY_USAGE_STATS_ENABLED ?= 0
@@ -28,7 +28,7 @@ help:
 	@echo "make stop    - stop a local Ray/Serve (and HAProxy) left running"
 	@echo "make bench   - benchmark against FastAPI, MLServer and naive Ray Serve (~20 min)"
 	@echo "make monitor - Prometheus on http://127.0.0.1:$(PROMETHEUS_PORT) scraping a running make serve"
-	@echo "make jupyter - JupyterLab on notebooks/ (README \"Notebooks\")"
+	@echo "make jupyter - JupyterLab on notebooks/ (docs/notebooks.md)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -79,13 +79,13 @@ test: $(STAMP) system-tools
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not serve and not image"
 
-# JupyterLab on notebooks/ (README "Notebooks") with the venv's kernel; the notebooks start
+# JupyterLab on notebooks/ (docs/notebooks.md) with the venv's kernel; the notebooks start
 # their own in-process Ray, with the fast path exported above. Jupyter refuses root unless told.
 .PHONY: jupyter
 jupyter: $(STAMP)
 	cd notebooks && ../$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(JUPYTER_FLAGS)
 
-# Prometheus for a running `make serve` (README "Monitoring"): finds Ray's metrics ports in the
+# Prometheus for a running `make serve` (docs/monitoring.md#locally): finds Ray's metrics ports in the
 # file-SD file Ray writes and evaluates the alert rules; UI on http://127.0.0.1:$(PROMETHEUS_PORT).
 monitor: system-tools
 	prometheus --config.file=configs/prometheus/prometheus.yml --storage.tsdb.path=.prometheus \
@@ -98,7 +98,7 @@ soak: $(STAMP)
 	$(BIN)/python bench/soak.py --start --duration $(SOAK_SECONDS)
 
 # Our server against hand-rolled FastAPI, MLServer and a tutorial-style Ray Serve app, plus
-# the levers (README "Performance"); ~20 min, results in bench/results/bench.{json,md,png}.
+# the levers (docs/performance.md); ~20 min, results in bench/results/bench.{json,md,png}.
 # MLServer gets a virtualenv of its own (never a dependency of the package).
 # BENCH_ARGS narrows a run, e.g. BENCH_ARGS="--servers ours,fastapi --duration 5 --levers none".
 MLSERVER_VENV := bench/.mlserver-venv
@@ -122,7 +122,7 @@ lock: $(STAMP)
 	  | $(BIN)/uv pip compile --quiet pyproject.toml - --generate-hashes --universal --fork-strategy fewest \
 	      --python-version 3.11 --custom-compile-command 'make lock' -o $(LOCK)
 
-# The container image (README "Container"), tagged <version>-ray<Ray pin>, with docker or podman.
+# The container image (docs/container.md), tagged <version>-ray<Ray pin>, with docker or podman.
 # Behind a TLS-intercepting proxy, CA_BUNDLE (default: pip's own PIP_CERT) reaches pip as a
 # build secret, never a layer. IMAGE_FLAGS adds build options (e.g. --build-arg BASE_IMAGE=...).
 VERSION     := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)

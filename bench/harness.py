@@ -146,7 +146,7 @@ LEVERS = {lever.key: lever for lever in (
     Lever("serve-access-log", "Ray Serve's access log on (a JSON line per request)", serve_access_log),
     Lever("log-every-request", "the app's access line for every request (access_log.sample_rate 1)",
           log_every_request),
-    # Our models already run off the event loop (serve_app/worker.py): Serve's own user-code
+    # Our models already run off the event loop (serve_app/serving/worker.py): Serve's own user-code
     # thread is a second thread hop per request; the shipped config turns it off.
     Lever("user-code-thread", "Serve's user-code thread on (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1)",
           replica_env(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="1")),

@@ -9,7 +9,7 @@ Each user reads the model's V2 metadata once for its feature count, then sends t
 request in a loop: ``--rows`` rows of random values, as ``--protocol`` says (``v1``: KServe V1
 JSON; ``v2``: V2 JSON; ``v2-binary``: the V2 binary tensor extension; ``npy``: an
 ``application/x-npy`` body). ``--token`` sends ``Authorization: Bearer`` (the data-plane
-token, README "Reliability and security"). Locust's stats are per request name
+token, docs/reliability-security.md#authentication). Locust's stats are per request name
 (``<protocol> <model> x<rows>``); ``--csv PREFIX`` writes them to files.
 
 Locust's Python clients cost far more CPU per request than wrk: on a small machine the load

@@ -7,7 +7,7 @@ Load: ``concurrency`` threads, each sending single-row predictions in turn to ev
 the shipped config (V1 and V2 alternating). Memory: the resident set size of the Serve replica
 processes of the Ray cluster whose temp dir is given (other local Ray clusters are ignored),
 sampled after the warm-up and at the end; growth is end / after-warm-up - 1, summed over the
-replicas that lived through the whole run. Goals (README "Reliability and security"): 0 errors,
+replicas that lived through the whole run. Goals (docs/reliability-security.md): 0 errors,
 < 10 % RSS growth. The test suite runs the same function for 30 s.
 """
 
