@@ -52,7 +52,7 @@ RUN pip wheel --no-cache-dir --disable-pip-version-check --no-deps --no-build-is
  && pip install --no-cache-dir --disable-pip-version-check --no-deps --no-index /dist/*.whl
 WORKDIR /home/ray/app
 COPY configs ./configs
-RUN python -m serve_app.train --store model_store
+RUN python -m serve_app.tools.train --store model_store
 
 # ---- the image: deps plus the project; no sources, wheels, caches or secrets.
 FROM deps
@@ -68,8 +68,8 @@ LABEL org.opencontainers.image.title="serve-app" \
 # uid 1000, gid 100 (users), as in rayproject images; numeric, so runAsNonRoot can verify it.
 USER 1000:100
 WORKDIR /home/ray/app
-# Serve HTTP, Ray dashboard, Ray metrics (each movable: serve_app/container.py).
+# Serve HTTP, Ray dashboard, Ray metrics (each movable: serve_app/tools/container.py).
 EXPOSE 8000 8265 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
   CMD ["sh", "-c", "wget -q -O /dev/null http://127.0.0.1:${SERVE_PORT:-8000}/-/healthz || exit 1"]
-CMD ["python", "-m", "serve_app.container"]
+CMD ["python", "-m", "serve_app.tools.container"]

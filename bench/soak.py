@@ -115,7 +115,7 @@ def run_soak(url: str, ray_temp_dir: str, duration_s: float, concurrency: int = 
 def start_server(url: str):
     import subprocess
 
-    from serve_app.localserve import wait_ready
+    from serve_app.tools.localserve import wait_ready
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", "configs/serve_config.yaml"],
@@ -139,7 +139,7 @@ def main() -> int:
         result = run_soak(args.url, args.ray_temp_dir, args.duration, args.concurrency)
     finally:
         if server is not None:
-            from serve_app.localserve import stop_process_group
+            from serve_app.tools.localserve import stop_process_group
 
             stop_process_group(server)
     args.out.parent.mkdir(parents=True, exist_ok=True)

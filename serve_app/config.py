@@ -12,12 +12,7 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_app.store import DEFAULT_STORE, check_segment
-
-# Set, it replaces the config's `store`: the one Serve config stays byte-for-byte the same
-# document locally and in the RayService, while each place says where its models live
-# (the image's baked-in store, or s3://bucket/prefix with credentials from a Secret).
-STORE_OVERRIDE_ENV = "SERVE_APP_STORE"
+from serve_app.store import DEFAULT_STORE, check_segment, store_from_environment
 
 
 class DriftSpec(BaseModel):
@@ -33,8 +28,9 @@ class DriftSpec(BaseModel):
 class AccessLogSpec(BaseModel):
     """Which requests get an access line in the replica's JSON log.
 
-    Serve's own access log formats and writes a JSON record for every request: a third of the
-    single-row throughput (README "Performance"). This log keeps the lines worth reading:
+    Serve's own access log formats and writes a JSON record for every request, which costs a
+    large share of single-row throughput (docs/performance.md measures it). This log keeps the
+    lines worth reading:
     every error, every slow request, every request its client marked as a sampled trace (W3C
     ``traceparent`` with the sampled flag: someone will look it up), and a sample of the rest.
     Metrics count every request. (A client's own X-Request-ID cannot mark a request: HAProxy
@@ -178,8 +174,8 @@ class AppConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _store_from_environment(cls, data):
-        """``SERVE_APP_STORE`` wins over the config's ``store`` (see STORE_OVERRIDE_ENV)."""
-        override = os.environ.get(STORE_OVERRIDE_ENV, "").strip()
+        """``SERVE_APP_STORE`` wins over the config's ``store`` (see serve_app.store.STORE_ENV)."""
+        override = store_from_environment()
         if override and isinstance(data, dict):
             return {**data, "store": override}
         return data

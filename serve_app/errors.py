@@ -46,39 +46,39 @@ class InferenceError(Exception):
 
 
 class BadInput(InferenceError):
+    """The request's content is wrong; its ``reason`` says how (shape, type, names, ...)."""
+
     status_code = 400
 
 
 class ModelNotFoundError(InferenceError):
-    status_code = 404
-    reason = "model_not_found"
+    """No such model or version here (the store layer's own is ``store.NotInStore``)."""
+
+    status_code, reason = 404, "model_not_found"
 
 
 class UnsupportedMediaType(InferenceError):
-    status_code = 415
-    reason = "unsupported_media_type"
+    status_code, reason = 415, "unsupported_media_type"
 
 
 class PayloadTooLarge(InferenceError):
-    status_code = 413
-    reason = "payload_too_large"
+    """Above ``max_request_bytes``: refused before the body is read whole, declared or chunked."""
+
+    status_code, reason = 413, "payload_too_large"
 
 
 class Unauthorized(InferenceError):
-    status_code = 401
-    reason = "unauthorized"
+    status_code, reason = 401, "unauthorized"
 
 
 class ReloadFailed(InferenceError):
     """The store's model could not be loaded; the loaded version keeps serving: a conflict
     between the request and the store's state, not a server fault."""
 
-    status_code = 409
-    reason = "reload_failed"
+    status_code, reason = 409, "reload_failed"
 
 
 class InferenceTimeout(InferenceError):
     """Not the client's fault: 504, so clients and load balancers may retry elsewhere."""
 
-    status_code = 504
-    reason = "timeout"
+    status_code, reason = 504, "timeout"

@@ -70,6 +70,11 @@ class ModelMetadata:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def labels_from_probabilities(classes, proba: np.ndarray) -> np.ndarray:
+    """The most likely class of each row: columns of ``proba`` are ordered as ``classes``."""
+    return np.asarray(classes)[np.argmax(proba, axis=1)]
+
+
 def reference_statistics(X: np.ndarray, feature_names: list[str]) -> dict[str, dict[str, Any]]:
     """Summaries of each training feature: moments, range and decile bin edges with the
     share of training rows in each bin (the PSI reference)."""

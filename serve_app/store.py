@@ -19,9 +19,19 @@ from typing import Protocol
 
 from serve_app.metadata import METADATA_FILE, ModelMetadata
 
-# One variable names the store everywhere: the CLI's default here, and (serve_app.config) an
-# override of the Serve config's `store`, so a deployment points config and CLI at one place.
-DEFAULT_STORE = os.environ.get("SERVE_APP_STORE", "./model_store")
+# One variable names the store everywhere: the tools' default, and an override of the Serve
+# config's `store` (serve_app.config), so the one Serve config stays byte-for-byte the same
+# document locally and in the RayService while each place says where its models live (the
+# image's baked-in store, or s3://bucket/prefix with credentials from a Secret).
+STORE_ENV = "SERVE_APP_STORE"
+
+
+def store_from_environment() -> str | None:
+    """The store ``SERVE_APP_STORE`` names, or None when it is not set."""
+    return os.environ.get(STORE_ENV, "").strip() or None
+
+
+DEFAULT_STORE = store_from_environment() or "./model_store"
 _VALID_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -29,8 +39,8 @@ class ModelStoreError(Exception):
     """A model cannot be found or read from the store."""
 
 
-class ModelNotFound(ModelStoreError):
-    pass
+class NotInStore(ModelStoreError):
+    """No such model, version or file in the store (the HTTP layer says ModelNotFoundError)."""
 
 
 class IntegrityError(ModelStoreError):
@@ -68,7 +78,7 @@ class LocalBackend:
         try:
             return (self.root / key).read_bytes()
         except FileNotFoundError as exc:
-            raise ModelNotFound(f"{self.root / key} does not exist") from exc
+            raise NotInStore(f"{self.root / key} does not exist") from exc
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self.root / key
@@ -95,7 +105,7 @@ class S3Backend:
     at MinIO or a test server, credentials come from the usual AWS environment/profile."""
 
     def __init__(self, bucket: str, prefix: str = "", client=None):
-        import boto3
+        import boto3  # here: a second to import, and only S3 stores need it
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -108,7 +118,7 @@ class S3Backend:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except self.client.exceptions.NoSuchKey as exc:
-            raise ModelNotFound(f"s3://{self.bucket}/{self._key(key)} does not exist") from exc
+            raise NotInStore(f"s3://{self.bucket}/{self._key(key)} does not exist") from exc
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
@@ -160,7 +170,7 @@ class ModelStore:
     def latest_version(self, name: str) -> str:
         versions = self.versions(name)
         if not versions:
-            raise ModelNotFound(f"model {name!r} has no versions in store {self.backend}")
+            raise NotInStore(f"model {name!r} has no versions in store {self.backend}")
         return versions[-1]
 
     def resolve_version(self, name: str, version: str | None) -> str:

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from serve_app.store import ModelStore
-from serve_app.localserve import (HAPROXY_RETRY_ON, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
+from serve_app.tools.localserve import (HAPROXY_RETRY_ON, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
                                   stop_ray_cluster, wait_ready)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def fleet_app(store: Path) -> dict:
 def prepare_fleet_store(path: Path) -> None:
     """iris 1-3 (version 3 is much more regularised: it disagrees with 1 on some rows) and
     diabetes 1, and twenty small iris variants for the long tail, each with its own C."""
-    from serve_app.train import train_model
+    from serve_app.tools.train import train_model
 
     store = ModelStore(str(path))
     train_model("iris", store, version="1")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from serve_app import manifests, prometheus_rule
+from serve_app.tools import alert_rules, manifests
 from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,16 +51,16 @@ def test_every_alert_is_tested_firing_and_silent():
 
 
 def test_prometheus_rule_is_generated_from_the_rule_file():
-    manifest = yaml.safe_load((ROOT / prometheus_rule.MANIFEST).read_text())
+    manifest = yaml.safe_load((ROOT / alert_rules.MANIFEST).read_text())
     assert manifest["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
-    assert prometheus_rule.MANIFEST not in manifests.out_of_date(ROOT), "run `make manifests`"
+    assert alert_rules.MANIFEST not in manifests.out_of_date(ROOT), "run `make manifests`"
 
 
 def test_a_changed_rule_file_makes_the_manifest_stale(tmp_path):
-    for path in (prometheus_rule.RULES, prometheus_rule.MANIFEST):
+    for path in (alert_rules.RULES, alert_rules.MANIFEST):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text((ROOT / path).read_text())
-    assert prometheus_rule.render(tmp_path) == (tmp_path / prometheus_rule.MANIFEST).read_text()
-    rules = tmp_path / prometheus_rule.RULES
+    assert alert_rules.render(tmp_path) == (tmp_path / alert_rules.MANIFEST).read_text()
+    rules = tmp_path / alert_rules.RULES
     rules.write_text(rules.read_text().replace("> 0.05", "> 0.10"))
-    assert prometheus_rule.render(tmp_path) != (tmp_path / prometheus_rule.MANIFEST).read_text()
+    assert alert_rules.render(tmp_path) != (tmp_path / alert_rules.MANIFEST).read_text()

@@ -42,42 +42,42 @@ def extension_body(tensors: list[tuple[dict, bytes | None]], **request) -> tuple
 
 def json_matrix(meta, X) -> np.ndarray:
     body = {"inputs": [{"name": "x", "shape": list(X.shape), "datatype": "FP64", "data": X.ravel().tolist()}]}
-    return v2.decode_request(body, meta, False)[0]
+    return v2.decode_request(body, meta, False).inputs.matrix
 
 
 @pytest.mark.parametrize("array", [
     IRIS, IRIS.astype(np.float32), IRIS.astype(">f8"), np.asfortranarray(IRIS), IRIS.astype(np.int16), IRIS[0],
 ], ids=["float64", "float32", "big-endian", "fortran-order", "int16", "one-row-1d"])
 def test_npy_body_decodes_like_json(meta, array):
-    X, outputs, _ = v2.decode_request(binary.decode_body(npy_bytes(array), "application/x-npy", None), meta, False)
-    expected = json_matrix(meta, np.atleast_2d(array).astype(np.float64))
-    assert X.dtype == np.float64 and outputs == ("predict",)
+    decoded = v2.decode_request(binary.decode_body(npy_bytes(array), "application/x-npy", None), meta, False)
+    X, expected = decoded.inputs.matrix, json_matrix(meta, np.atleast_2d(array).astype(np.float64))
+    assert X.dtype == np.float64 and decoded.outputs == ("predict",)
     np.testing.assert_array_equal(X, expected)
 
 
 def test_npy_float64_body_is_not_copied(meta):
     body = npy_bytes(IRIS)
-    X, _, _ = v2.decode_request(binary.decode_body(body, "application/x-npy", None), meta, False)
+    X = v2.decode_request(binary.decode_body(body, "application/x-npy", None), meta, False).inputs.matrix
     assert np.shares_memory(X, np.frombuffer(body, dtype=np.uint8))
 
 
 def test_npy_outputs_come_from_the_query(meta):
     request = binary.decode_body(npy_bytes(IRIS), "application/x-npy", None, "predict_proba, predict")
-    assert v2.decode_request(request, meta, False)[1] == ("predict_proba", "predict")
+    assert v2.decode_request(request, meta, False).outputs == ("predict_proba", "predict")
 
 
 def test_extension_matrix_and_per_feature_columns_decode_like_json(meta):
     whole, length = extension_body([({"name": "x", "shape": [3, 4], "datatype": "FP32"},
                                      IRIS.astype("<f4").tobytes())], id="r1")
-    X, _, request_id = v2.decode_request(binary.decode_body(whole, "", length), meta, False)
-    np.testing.assert_array_equal(X, json_matrix(meta, IRIS.astype(np.float32).astype(np.float64)))
-    assert request_id == "r1"
+    decoded = v2.decode_request(binary.decode_body(whole, "", length), meta, False)
+    np.testing.assert_array_equal(decoded.inputs.matrix, json_matrix(meta, IRIS.astype(np.float32).astype(np.float64)))
+    assert decoded.request_id == "r1"
     # one binary tensor per feature, the last one as JSON data beside them
     columns = [({"name": f, "shape": [3], "datatype": "FP64"}, IRIS[:, i].astype("<f8").tobytes())
                for i, f in enumerate(FEATURES[:3])]
     columns.append(({"name": FEATURES[3], "shape": [3], "datatype": "FP64", "data": IRIS[:, 3].tolist()}, None))
     body, length = extension_body(columns)
-    np.testing.assert_array_equal(v2.decode_request(binary.decode_body(body, "", length), meta, False)[0], IRIS)
+    np.testing.assert_array_equal(v2.decode_request(binary.decode_body(body, "", length), meta, False).inputs.matrix, IRIS)
 
 
 def test_binary_outputs_round_trip():

@@ -11,6 +11,8 @@ import orjson
 import pytest
 
 from serve_app.codecs import v1, v2
+from serve_app.codecs.tensors import DecodedRequest
+from serve_app.serving.interface import Answer, ModelInput
 from serve_app.errors import BadInput
 from serve_app.metadata import Feature, ModelMetadata
 
@@ -34,17 +36,27 @@ def app_json(obj) -> object:
     return orjson.loads(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
+def answer(outputs, version="1") -> Answer:
+    return Answer(outputs, version)
+
+
+def asked(*outputs, request_id=None) -> DecodedRequest:
+    """A decoded request for ``outputs`` (the rows do not matter to the encoders)."""
+    return DecodedRequest(ModelInput(("a", "b", "c"), np.zeros((1, 3))), outputs, request_id)
+
+
 # -- V1 --------------------------------------------------------------------------------------
 def test_v1_list_rows():
-    X, output = v1.decode_request({"instances": [[1, 2, 3], [4.5, -5, 6e3]]}, CLF, False)
-    assert output == "predict"
+    decoded = v1.decode_request({"instances": [[1, 2, 3], [4.5, -5, 6e3]]}, CLF, False)
+    X = decoded.inputs.matrix
+    assert decoded.outputs == ("predict",) and decoded.inputs.feature_names == ("a", "b", "c")
     assert X.dtype == np.float64 and X.shape == (2, 3)
     np.testing.assert_array_equal(X, [[1, 2, 3], [4.5, -5, 6e3]])
 
 
 def test_v1_dict_rows_follow_the_model_feature_order():
     body = {"instances": [{"c": 3, "a": 1, "b": 2}, {"b": 20, "c": 30, "a": 10}]}
-    X, _ = v1.decode_request(body, REG, False)
+    X = v1.decode_request(body, REG, False).inputs.matrix
     np.testing.assert_array_equal(X, [[1, 2, 3], [10, 20, 30]])
 
 
@@ -56,14 +68,14 @@ def test_v1_dict_rows_follow_the_model_feature_order():
 ])
 def test_v1_output_parameter(parameters, expected):
     body = {"instances": [[1, 2, 3]], "parameters": parameters}
-    assert v1.decode_request(body, CLF, False)[1] == expected
+    assert v1.decode_request(body, CLF, False).outputs == (expected,)
 
 
 def test_v1_null_is_nan_for_models_accepting_missing_values():
-    X, _ = v1.decode_request({"instances": [[1, None, 3], [None, 5, 6]]}, CLF, True)
+    X = v1.decode_request({"instances": [[1, None, 3], [None, 5, 6]]}, CLF, True).inputs.matrix
     np.testing.assert_array_equal(np.isnan(X), [[False, True, False], [True, False, False]])
     assert X[0, 0] == 1 and X[1, 2] == 6
-    X, _ = v1.decode_request({"instances": [{"a": None, "b": 2, "c": 3}]}, CLF, True)
+    X = v1.decode_request({"instances": [{"a": None, "b": 2, "c": 3}]}, CLF, True).inputs.matrix
     assert np.isnan(X[0, 0]) and X[0, 1] == 2
 
 
@@ -125,10 +137,10 @@ def test_v1_numbers_too_large_for_float64(literal):
 
 def test_v1_encode_response():
     predictions = np.array([2, 0, 1])
-    response = v1.encode_response({"predict": predictions, "predict_proba": np.eye(3)}, "predict")
+    response = v1.encode_response(answer({"predict": predictions, "predict_proba": np.eye(3)}), asked("predict"))
     assert set(response) == {"predictions"}
     np.testing.assert_array_equal(response["predictions"], predictions)
-    assert app_json(v1.encode_response({"predict_proba": np.eye(2)}, "predict_proba")) == {
+    assert app_json(v1.encode_response(answer({"predict_proba": np.eye(2)}), asked("predict_proba"))) == {
         "predictions": [[1.0, 0.0], [0.0, 1.0]]}
 
 
@@ -138,8 +150,7 @@ def tensor(name, shape, data, datatype="FP64"):
 
 
 def v2_X(inputs, meta=CLF, accepts_missing=False, **body):
-    X, _, _ = v2.decode_request({"inputs": inputs, **body}, meta, accepts_missing)
-    return X
+    return v2.decode_request({"inputs": inputs, **body}, meta, accepts_missing).inputs.matrix
 
 
 def test_v2_single_tensor_flat_and_nested():
@@ -208,8 +219,7 @@ def test_v2_outputs_selection(outputs, meta, expected):
     body = {"inputs": [tensor("input-0", [1, 3], [1, 2, 3])]}
     if outputs is not None:
         body["outputs"] = outputs
-    _, selected, _ = v2.decode_request(body, meta, False)
-    assert selected == expected
+    assert v2.decode_request(body, meta, False).outputs == expected
 
 
 @pytest.mark.parametrize("request_id", ["req-42", 7, None])
@@ -217,7 +227,7 @@ def test_v2_request_id_is_returned(request_id):
     body = {"inputs": [tensor("input-0", [1, 3], [1, 2, 3])]}
     if request_id is not None:
         body["id"] = request_id
-    assert v2.decode_request(body, CLF, False)[2] == request_id
+    assert v2.decode_request(body, CLF, False).request_id == request_id
 
 
 def _columnar(**overrides):
@@ -291,7 +301,7 @@ def test_v2_integers_out_of_range_for_their_datatype_are_rejected(datatype, valu
 
 def _decode(protocol, row, accepts_missing):
     if protocol == "v1":
-        return v1.decode_request({"instances": [row]}, CLF, accepts_missing)[0]
+        return v1.decode_request({"instances": [row]}, CLF, accepts_missing).inputs.matrix
     return v2_X([tensor("x", [1, 3], row)], accepts_missing=accepts_missing)
 
 
@@ -346,7 +356,7 @@ def test_v2_encode_tensor_flattens_row_major():
 
 def test_v2_encode_response():
     results = {"predict": np.array([1, 0]), "predict_proba": np.array([[0.2, 0.8, 0.0], [0.6, 0.3, 0.1]])}
-    response = app_json(v2.encode_response(CLF, results, ("predict_proba", "predict"), "abc"))
+    response = app_json(v2.encode_response("toy", answer(results, "3"), asked("predict_proba", "predict", request_id="abc")))
     assert response == {
         "model_name": "toy", "model_version": "3", "id": "abc",
         "outputs": [
@@ -355,7 +365,7 @@ def test_v2_encode_response():
             {"name": "predict", "shape": [2], "datatype": "INT64", "data": [1, 0]},
         ],
     }
-    without_id = v2.encode_response(REG, {"predict": np.array([1.5])}, ("predict",), None)
+    without_id = v2.encode_response("toy", answer({"predict": np.array([1.5])}), asked("predict"))
     assert "id" not in without_id
     assert [o["name"] for o in without_id["outputs"]] == ["predict"]
 
@@ -364,7 +374,7 @@ def test_v2_encode_response():
 def test_string_labels_survive_the_apps_json_serialisation(protocol):
     labels = np.asarray(["setosa", "virginica"])
     if protocol == "v1":
-        assert app_json(v1.encode_response({"predict": labels}, "predict")) == {
+        assert app_json(v1.encode_response(answer({"predict": labels}), asked("predict"))) == {
             "predictions": ["setosa", "virginica"]}
     else:
         encoded = app_json(v2.encode_tensor("predict", labels))

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_app.config import STORE_OVERRIDE_ENV, AccessLogSpec, AppConfig
+from serve_app.config import AccessLogSpec, AppConfig
+from serve_app.store import STORE_ENV
 
 SERVE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve_config.yaml"
 ARGS = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]
 
 
 def test_store_comes_from_the_config_without_the_override(monkeypatch, tmp_path):
-    monkeypatch.delenv(STORE_OVERRIDE_ENV, raising=False)
+    monkeypatch.delenv(STORE_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     config = AppConfig.model_validate(ARGS)
     assert ARGS["store"] == "./model_store"
@@ -25,7 +26,7 @@ def test_store_comes_from_the_config_without_the_override(monkeypatch, tmp_path)
 
 @pytest.mark.parametrize("override", ["s3://bucket/models/prod", "/home/ray/app/model_store"])
 def test_override_replaces_the_store(monkeypatch, override):
-    monkeypatch.setenv(STORE_OVERRIDE_ENV, override)
+    monkeypatch.setenv(STORE_ENV, override)
     config = AppConfig.model_validate(ARGS)
     assert config.store == override
     # Everything else in the args is untouched.
@@ -35,21 +36,21 @@ def test_override_replaces_the_store(monkeypatch, override):
 
 def test_override_is_pinned_like_a_configured_path(monkeypatch, tmp_path):
     """A relative override resolves once, where it is read: replicas do not share a cwd."""
-    monkeypatch.setenv(STORE_OVERRIDE_ENV, "relative/store")
+    monkeypatch.setenv(STORE_ENV, "relative/store")
     monkeypatch.chdir(tmp_path)
     assert AppConfig.model_validate(ARGS).store == os.path.join(tmp_path, "relative/store")
 
 
 def test_empty_override_is_no_override(monkeypatch):
-    monkeypatch.setenv(STORE_OVERRIDE_ENV, "  ")
+    monkeypatch.setenv(STORE_ENV, "  ")
     assert AppConfig.model_validate({**ARGS, "store": "s3://configured/one"}).store == "s3://configured/one"
 
 
 def test_override_survives_the_round_trip_to_replicas(monkeypatch):
     """build_app hands replicas ``config.model_dump()``; validating it again keeps the store."""
-    monkeypatch.setenv(STORE_OVERRIDE_ENV, "s3://bucket/models")
+    monkeypatch.setenv(STORE_ENV, "s3://bucket/models")
     dumped = AppConfig.model_validate(ARGS).model_dump()
-    monkeypatch.delenv(STORE_OVERRIDE_ENV)
+    monkeypatch.delenv(STORE_ENV)
     assert AppConfig.model_validate(dumped).store == "s3://bucket/models"
 
 
@@ -82,5 +83,5 @@ def test_access_log_rules_are_settings():
     ("00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01", None),
 ])
 def test_sampled_trace_id_reads_w3c_traceparent(header, trace_id):
-    from serve_app.app import sampled_trace_id
+    from serve_app.http.lifecycle import sampled_trace_id
     assert sampled_trace_id(header) == trace_id

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer, load_iris
 
-from serve_app.drift import PSI_ALERT_THRESHOLD, DriftMonitor, bin_shares, psi
+from serve_app.monitoring.drift import PSI_ALERT_THRESHOLD, DriftMonitor, bin_shares, psi
 from serve_app.metadata import Feature, ModelMetadata, reference_statistics
 
 

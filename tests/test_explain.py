@@ -17,7 +17,7 @@ from sklearn.tree import DecisionTreeRegressor
 from serve_app.metadata import Feature, ModelMetadata
 from serve_app.runtimes import UnsupportedOutput, load_runtime, runtime_for
 from serve_app.store import ModelStore
-from serve_app.train import DEMO_MODELS, train_model
+from serve_app.tools.train import DEMO_MODELS, train_model
 
 
 @pytest.fixture(scope="module")

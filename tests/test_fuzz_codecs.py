@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from serve_app.codecs import v1, v2
-from serve_app.codecs.tensors import OUTPUTS
+from serve_app.codecs.tensors import DecodedRequest
+from serve_app.serving.interface import Answer, ModelInput
+from serve_app.serving.outputs import OUTPUTS
 from serve_app.errors import MAX_MESSAGE_CHARS, REASONS, InferenceError
 from serve_app.metadata import Feature, ModelMetadata
 
@@ -122,7 +124,7 @@ def valid_v2(draw):
 def assert_valid_or_4xx(decode, body, meta, accepts_missing):
     """A valid float64 [N, F] matrix, or an InferenceError with a 4xx status and a known reason."""
     try:
-        X = decode(body, meta, accepts_missing)[0]
+        X = decode(body, meta, accepts_missing).inputs.matrix
     except InferenceError as exc:
         assert 400 <= exc.status_code < 500
         assert exc.reason in REASONS and exc.message
@@ -172,9 +174,9 @@ finite_matrices = hnp.arrays(
 @given(X=finite_matrices, as_dicts=st.booleans())
 def test_v1_round_trip(X, as_dicts):
     instances = [dict(zip(FEATURES, row)) for row in X.tolist()] if as_dicts else X
-    decoded, output = v1.decode_request(wire({"instances": instances}), CLASSIFIER, False)
-    np.testing.assert_array_equal(decoded, X)
-    assert output == "predict"
+    decoded = v1.decode_request(wire({"instances": instances}), CLASSIFIER, False)
+    np.testing.assert_array_equal(decoded.inputs.matrix, X)
+    assert decoded.outputs == ("predict",)
     generated["v1-round-trip"] += 1
 
 
@@ -203,9 +205,9 @@ def test_v2_round_trip_of_every_datatype(data, columnar, datatype):
         name, decoded = v2.decode_tensor(tensor, i)
         assert decoded.dtype == array.dtype and name == inputs[i]["name"]
         np.testing.assert_array_equal(decoded, array if not columnar else array[:, i])
-    X, outputs, request_id = v2.decode_request(body, CLASSIFIER, False)
-    np.testing.assert_array_equal(X, array.astype(np.float64))
-    assert outputs == ("predict_proba",) and request_id == "r-1"
+    request = v2.decode_request(body, CLASSIFIER, False)
+    np.testing.assert_array_equal(request.inputs.matrix, array.astype(np.float64))
+    assert request.outputs == ("predict_proba",) and request.request_id == "r-1"
     generated[f"v2-round-trip-{datatype}"] += 1
 
 
@@ -222,8 +224,9 @@ def test_uint64_beyond_int64_beside_small_values_is_exact():
                         elements=st.floats(0, 1)))
 def test_v2_response_round_trip(labels, proba):
     proba = np.resize(proba, (labels.shape[0], 3))
-    response = wire(v2.encode_response(CLASSIFIER, {"predict": labels, "predict_proba": proba},
-                                       ("predict", "predict_proba"), "r-2"))
+    request = DecodedRequest(ModelInput(tuple(FEATURES), np.zeros((labels.shape[0], len(FEATURES)))),
+                             ("predict", "predict_proba"), "r-2")
+    response = wire(v2.encode_response("fuzz", Answer({"predict": labels, "predict_proba": proba}, "1"), request))
     assert response["id"] == "r-2" and response["model_name"] == "fuzz"
     by_name = {t["name"]: v2.decode_tensor(t, i)[1] for i, t in enumerate(response["outputs"])}
     np.testing.assert_array_equal(by_name["predict"], labels)

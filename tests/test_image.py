@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, free_port, require_tool
-from serve_app.localserve import wait_ready
+from serve_app.tools.localserve import wait_ready
 
 TEST_IMAGE = "localhost/serve-app-test:latest"
 # The base, as the official python:3.11-slim-bookworm is: Debian 12, Python 3.11, venv, CAs.
@@ -138,7 +138,7 @@ def test_make_image_tags_version_and_ray_pin():
 
 
 def test_container_cmd_moves_only_the_serve_port():
-    from serve_app.container import config_for
+    from serve_app.tools.container import config_for
 
     shipped = str(ROOT / "configs/serve_config.yaml")
     assert config_for({"SERVE_CONFIG": shipped}) == shipped

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from conftest import IN_CI, require_tool
-from serve_app import manifests, prometheus_rule
+from serve_app.tools import alert_rules, manifests
 
 ROOT = manifests.ROOT
 CLUSTER = ROOT / "cluster"
@@ -255,7 +255,7 @@ def test_generated_files_are_up_to_date():
 
 def _copy_sources(tmp_path: Path) -> Path:
     for path in ("pyproject.toml", str(manifests.SERVE_CONFIG), str(manifests.GENERATED_DIR),
-                 str(prometheus_rule.RULES), str(prometheus_rule.MANIFEST)):
+                 str(alert_rules.RULES), str(alert_rules.MANIFEST)):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         copy_ = shutil.copytree if (ROOT / path).is_dir() else shutil.copy
         copy_(ROOT / path, tmp_path / path)

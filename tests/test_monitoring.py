@@ -19,10 +19,10 @@ import yaml
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
 
 from conftest import free_port, require_tool
-from serve_app.drift import PSI_ALERT_THRESHOLD
+from serve_app.monitoring.drift import PSI_ALERT_THRESHOLD
 from serve_app.runtimes import load_runtime
 from serve_app.store import ModelStore
-from serve_app.telemetry import UNKNOWN_MODEL
+from serve_app.monitoring.telemetry import UNKNOWN_MODEL
 
 pytestmark = [pytest.mark.serve, pytest.mark.monitoring]
 

@@ -22,7 +22,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from conftest import ROOT, free_port
-from serve_app.localserve import HAPROXY_RETRY_ON, haproxy_paths
+from serve_app.tools.localserve import HAPROXY_RETRY_ON, haproxy_paths
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 600  # per cell; a hung cell fails the test instead of hanging the suite

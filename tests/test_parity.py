@@ -36,8 +36,8 @@ import yaml
 from sklearn import datasets
 
 from conftest import SteadyLoad, free_port, require_tool
-from serve_app import manifests
-from serve_app.localserve import haproxy_paths, stop_orphaned_haproxy, stop_ray_cluster
+from serve_app.tools import manifests
+from serve_app.tools.localserve import haproxy_paths, stop_orphaned_haproxy, stop_ray_cluster
 from serve_app.runtimes import load_runtime
 from serve_app.store import ModelStore
 

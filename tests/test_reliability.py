@@ -15,7 +15,7 @@ from conftest import GUARDED, SteadyLoad
 from serve_app.config import ModelSpec
 from serve_app.runtimes import load_runtime
 from serve_app.store import ModelStore
-from serve_app.worker import ModelWorker
+from serve_app.serving.worker import ModelWorker
 
 IRIS_ROW = [5.1, 3.5, 1.4, 0.2]
 BODY = {"instances": [IRIS_ROW]}
@@ -77,7 +77,7 @@ def test_slow_model_times_out_clearly_and_the_replica_stays_usable(guarded, serv
 
 # -- health checks -------------------------------------------------------------------------------
 def test_health_check_fails_when_the_model_breaks(tmp_path):
-    from serve_app.train import ensure_models
+    from serve_app.tools.train import ensure_models
 
     store = ModelStore(str(tmp_path))
     ensure_models(store, ["iris"])
@@ -142,7 +142,7 @@ def test_redeploying_a_new_version_under_load_loses_no_request(serve_cluster):
     answers move from version 1 to version 2."""
     import copy
 
-    from serve_app.train import train_model
+    from serve_app.tools.train import train_model
 
     guarded = next(a for a in serve_cluster.config["applications"] if a["name"] == "guarded")
     store = ModelStore(guarded["args"]["store"])

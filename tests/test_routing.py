@@ -14,8 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from serve_app.config import AppConfig, ModelSpec, MultiplexSpec
-from serve_app.routing import BUCKETS, TrafficSplit, bucket_of
-from serve_app.served import same_answer
+from serve_app.serving.routing import BUCKETS, TrafficSplit, bucket_of
+from serve_app.serving.served import same_answer
 
 
 @pytest.mark.parametrize("weights", [{"1": 90, "2": 10}, {"1": 50, "2": 50}, {"a": 70, "b": 20, "c": 10},
@@ -41,7 +41,7 @@ def test_split_is_sticky_and_the_same_in_every_process():
         assert len({split.choose(key) for _ in range(5)}) == 1
     # blake2b, not Python's salted hash(): a given id routes the same in every replica.
     keys = ["request-42", "a", uuid.uuid4().hex]
-    code = f"from serve_app.routing import bucket_of; print([bucket_of(k) for k in {keys!r}])"
+    code = f"from serve_app.serving.routing import bucket_of; print([bucket_of(k) for k in {keys!r}])"
     for seed in ("1", "2"):
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                env={**os.environ, "PYTHONHASHSEED": seed}).stdout

@@ -18,12 +18,12 @@ from serve_app.runtimes import UnsupportedOutput, load_runtime, runtime_for
 from serve_app.store import (
     IntegrityError,
     LocalBackend,
-    ModelNotFound,
+    NotInStore,
     ModelStore,
     S3Backend,
     version_sort_key,
 )
-from serve_app.train import DEMO_MODELS, train_model
+from serve_app.tools.train import DEMO_MODELS, train_model
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -209,19 +209,19 @@ def test_swapped_artifact_is_refused(tmp_path):
 
 def test_missing_models_and_versions(trained_store, tmp_path):
     store, _ = trained_store
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(NotInStore):
         load_runtime(store, "no-such-model")
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(NotInStore):
         store.latest_version("no-such-model")
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(NotInStore):
         store.read_metadata("iris", "7")
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(NotInStore):
         load_runtime(store, "iris", "7")
     assert store.versions("no-such-model") == []
 
     empty = ModelStore(str(tmp_path / "does-not-exist-yet"))
     assert empty.list_models() == {}
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(NotInStore):
         load_runtime(empty, "iris")
 
 
@@ -326,10 +326,10 @@ def test_s3_store_round_trip(s3_bucket):
         estimator, X, *_ = refit(name)
         assert_serves_like_estimator(runtime, estimator, X)
 
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(NotInStore):
         load_runtime(reader, "diabetes")
-    with pytest.raises(ModelNotFound):
-        reader.read_metadata("iris", "3")  # NoSuchKey becomes ModelNotFound
+    with pytest.raises(NotInStore):
+        reader.read_metadata("iris", "3")  # NoSuchKey becomes NotInStore
     assert ModelStore(f"s3://{bucket}/other/prefix").list_models() == {}
 
 

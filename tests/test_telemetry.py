@@ -1,6 +1,6 @@
 """The metric catalogue against Ray's real metric classes (no cluster needed)."""
 
-from serve_app import telemetry
+from serve_app.monitoring import telemetry
 
 
 def test_metric_catalogue_is_acceptable_to_ray():

@@ -224,7 +224,7 @@ def test_repository_index_lists_models_versions_and_traffic(fleet):
 def test_reload_serves_a_new_stored_version_without_losing_a_request(serve_cluster, fleet, fleet_store):
     """Train diabetes version 2 into the store, reload through the admin endpoint while
     clients keep calling: every request succeeds, and the answers move to version 2."""
-    from serve_app.train import train_model
+    from serve_app.tools.train import train_model
 
     assert fleet.post("/v1/models/diabetes:predict", json={"instances": [[0.0] * 10]}).headers[
         "x-model-version"] == "1"
@@ -258,7 +258,7 @@ def test_reload_serves_a_new_stored_version_without_losing_a_request(serve_clust
 def test_a_reload_that_cannot_load_keeps_the_old_version(serve_cluster, fleet, fleet_store):
     """A stored version 3 whose artifact does not match its sha256: the reload answers 409
     (reload_failed) and version 2 keeps answering."""
-    from serve_app.train import train_model
+    from serve_app.tools.train import train_model
 
     meta = train_model("diabetes", fleet_store, version="3")
     version_dir = Path(fleet_store.uri) / "diabetes" / "3"

@@ -12,8 +12,9 @@ from sklearn.datasets import load_iris
 from serve_app.config import ModelSpec
 from serve_app.runtimes import load_runtime
 from serve_app.store import ModelStore
-from serve_app.train import ensure_models
-from serve_app.worker import ModelWorker
+from serve_app.tools.train import ensure_models
+from serve_app.serving.interface import ModelInput
+from serve_app.serving.worker import ModelWorker
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,10 @@ def store(tmp_path_factory) -> ModelStore:
     store = ModelStore(str(tmp_path_factory.mktemp("store")))
     ensure_models(store, ["iris"])
     return store
+
+
+def rows(X) -> ModelInput:
+    return ModelInput(tuple(load_iris().feature_names), X)
 
 
 def counted_worker(store: ModelStore, **spec) -> tuple[ModelWorker, list[int], list[int]]:
@@ -34,7 +39,7 @@ def counted_worker(store: ModelStore, **spec) -> tuple[ModelWorker, list[int], l
         return predict(X)
 
     async def counting_batched(item):
-        queued.append(item[0].shape[0])
+        queued.append(item[0].rows)
         return await batched(item)
 
     worker.runtime.predict, worker._batched = counting_predict, counting_batched
@@ -46,10 +51,11 @@ def test_a_lone_request_skips_the_queue_when_batches_do_not_wait(store):
     X = load_iris().data[:3]
 
     async def one_at_a_time():
-        return [await worker.infer(X[i:i + 1], ("predict",)) for i in range(3)]
+        return [await worker.infer(rows(X[i:i + 1]), ("predict",)) for i in range(3)]
 
     answers = asyncio.run(one_at_a_time())
-    assert [a["predict"].tolist() for a in answers] == [[p] for p in worker.runtime.predict(X).tolist()]
+    assert [a.outputs["predict"].tolist() for a in answers] == [[p] for p in worker.runtime.predict(X).tolist()]
+    assert {a.version for a in answers} == {worker.meta.version}
     assert queued == [] and calls[:3] == [1, 1, 1]
 
 
@@ -58,7 +64,7 @@ def test_which_requests_take_the_queue(store):
     test_serve_scaling.py, concurrent requests at the shipped wait 0 in test_fuzz_api.py's
     isolation test): a request queues when it could share a batch, that is, when others are
     pending, or when the config asks lone requests to wait for company."""
-    one, full = load_iris().data[:1], load_iris().data[:32]
+    one, full = rows(load_iris().data[:1]), rows(load_iris().data[:32])
     no_wait = ModelWorker(load_runtime(store, "iris", "latest"), ModelSpec(name="iris", batch_wait_timeout_s=0.0))
     waits = ModelWorker(load_runtime(store, "iris", "latest"), ModelSpec(name="iris", batch_wait_timeout_s=0.01))
     no_wait._pending = waits._pending = 1  # only the request being decided
@@ -70,5 +76,5 @@ def test_which_requests_take_the_queue(store):
 
 def test_a_full_batch_never_queues(store):
     worker, calls, queued = counted_worker(store, batch_wait_timeout_s=0.5, max_batch_size=8)
-    asyncio.run(worker.infer(load_iris().data[:8], ("predict",)))
+    asyncio.run(worker.infer(rows(load_iris().data[:8]), ("predict",)))
     assert queued == [] and calls == [8]

@@ -1,6 +1,6 @@
 """Binary request bodies for V2 infer: numpy reads the numbers where they lie, no JSON to parse.
 
-Two formats (README "Binary payloads"), both for ``POST /v2/models/{name}/infer``:
+Two formats (docs/protocols.md), both for ``POST /v2/models/{name}/infer``:
 
 - ``Content-Type: application/x-npy``: the body is one ``.npy`` file (``numpy.save``), a
   numeric ``[N, F]`` array (``[F]`` is one row), any byte order, C or Fortran order. Outputs

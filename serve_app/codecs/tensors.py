@@ -1,7 +1,7 @@
 """Turning decoded JSON values into a validated 2-D feature matrix, without Python loops
 over elements: numpy does the conversion in C, we only inspect the resulting dtype.
 
-Input policy (documented in the README):
+Input policy (docs/protocols.md):
 - numbers only; strings (even numeric ones) are rejected with 400; JSON ``true``/``false``
   inside numeric data count as 1/0, as they do in Python;
 - ``null`` means a missing value: accepted for runtimes that handle missing values natively
@@ -12,16 +12,28 @@ Input policy (documented in the README):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from serve_app.errors import BadInput
+from serve_app.metadata import ModelMetadata
+from serve_app.serving.interface import ModelInput
 
-# Explanation outputs: per-feature contributions to the model's margin and its bias
-# (serve_app.runtimes.base.Explanation); computed outside the batching queue.
-EXPLANATION_OUTPUTS = ("contributions", "bias")
-OUTPUTS = ("predict", "predict_proba", *EXPLANATION_OUTPUTS)
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    """What a protocol's request asks of a model: its rows, the outputs wanted (in order) and
+    the request's own id, echoed in the answer (V2)."""
+
+    inputs: ModelInput
+    outputs: tuple[str, ...]
+    request_id: Any = None
+
+
+def model_input(matrix: np.ndarray, meta: ModelMetadata) -> ModelInput:
+    return ModelInput(tuple(meta.feature_names), matrix)
 
 
 def as_float_matrix(values: Any, n_features: int, accepts_missing: bool, what: str) -> np.ndarray:
@@ -86,12 +98,3 @@ def columns_to_matrix(columns: dict[str, Any], feature_names: Sequence[str], wha
             parts.append(f"missing features {missing}")
         raise BadInput(f"{what}: {'; '.join(parts)}; expected {list(feature_names)}", "feature_names")
     return [columns[f] for f in feature_names]
-
-
-def check_outputs(requested: Sequence[str], is_classifier: bool) -> tuple[str, ...]:
-    bad = [o for o in requested if o not in OUTPUTS]
-    if bad:
-        raise BadInput(f"unknown output(s) {bad}; available: {list(OUTPUTS)}", "unknown_output")
-    if "predict_proba" in requested and not is_classifier:
-        raise BadInput("predict_proba is only available for classification models", "unknown_output")
-    return tuple(dict.fromkeys(requested))

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from serve_app.codecs.tensors import as_float_matrix, check_outputs, columns_to_matrix, jsonable
+from serve_app.codecs.tensors import DecodedRequest, as_float_matrix, columns_to_matrix, jsonable, model_input
 from serve_app.errors import BadInput
 from serve_app.metadata import ModelMetadata
+from serve_app.serving.interface import Answer
+from serve_app.serving.outputs import check_outputs
 
 
-def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tuple[np.ndarray, str]:
+def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> DecodedRequest:
     if not isinstance(body, dict) or "instances" not in body:
         raise BadInput('V1 request body must be a JSON object with an "instances" list')
     instances = body["instances"]
@@ -44,27 +44,26 @@ def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tup
             raise BadInput(f"an instance has features beyond {names}", "feature_names")
         instances = rows
     X = as_float_matrix(instances, len(meta.features), accepts_missing, '"instances"')
-    return X, output
+    return DecodedRequest(model_input(X, meta), (output,))
 
 
-def encode_response(outputs: dict[str, np.ndarray], output: str) -> dict[str, Any]:
-    return {"predictions": jsonable(outputs[output])}
+def encode_response(answer: Answer, request: DecodedRequest) -> dict[str, Any]:
+    return {"predictions": jsonable(answer.outputs[request.outputs[0]])}
 
 
-def encode_explanation(results: dict[str, Any], meta: ModelMetadata) -> dict[str, Any]:
+def encode_explanation(answer: Answer, request: DecodedRequest) -> dict[str, Any]:
     """The ``:explain`` answer: per row and margin output, the bias and each feature's
     contribution (bias + contributions = the margin named by ``margin``)."""
-    info = results["explanation_info"]
-    contributions, bias = results["contributions"], results["bias"]
-    names = meta.feature_names
+    explanation, names = answer.explanation, request.inputs.feature_names
+    contributions, bias = explanation.contributions, explanation.bias
     return {
-        "method": info["method"],
-        "margin": info["margin_kind"],
-        "outputs": info["outputs"],
+        "method": explanation.method,
+        "margin": explanation.margin_kind,
+        "outputs": explanation.outputs,
         "explanations": [
             {output: {"bias": float(bias[r, k]),
                       "contributions": dict(zip(names, contributions[r, k].tolist()))}
-             for k, output in enumerate(info["outputs"])}
+             for k, output in enumerate(explanation.outputs)}
             for r in range(contributions.shape[0])
         ],
     }

@@ -14,24 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.codecs.tensors import check_finite, check_outputs, columns_to_matrix, jsonable, numbers_or_null
+from serve_app.codecs.tensors import (DecodedRequest, check_finite, columns_to_matrix, jsonable, model_input,
+                                     numbers_or_null)
 from serve_app.errors import BadInput
 from serve_app.metadata import ModelMetadata
+from serve_app.serving.interface import Answer
+from serve_app.serving.outputs import check_outputs
 
 # datatype -> (numpy dtype, numpy kinds the JSON values may decode to)
+_INTEGERS = {"UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+             "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64}
+_FLOATS = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 DATATYPES: dict[str, tuple[type, str]] = {
     "BOOL": (np.bool_, "b"),
-    "UINT8": (np.uint8, "iu"),
-    "UINT16": (np.uint16, "iu"),
-    "UINT32": (np.uint32, "iu"),
-    "UINT64": (np.uint64, "iu"),
-    "INT8": (np.int8, "iu"),
-    "INT16": (np.int16, "iu"),
-    "INT32": (np.int32, "iu"),
-    "INT64": (np.int64, "iu"),
-    "FP16": (np.float16, "iuf"),
-    "FP32": (np.float32, "iuf"),
-    "FP64": (np.float64, "iuf"),
+    **{name: (dtype, "iu") for name, dtype in _INTEGERS.items()},
+    **{name: (dtype, "iuf") for name, dtype in _FLOATS.items()},
 }
 _NUMPY_TO_V2 = {np.dtype(dt): name for name, (dt, _) in DATATYPES.items()}
 
@@ -91,8 +88,8 @@ def only_integers(data: Any) -> bool:
     return all(type(v) is int for v in np.asarray(data, dtype=object).reshape(-1))
 
 
-def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tuple[np.ndarray, tuple[str, ...], Any]:
-    """The feature matrix, the requested outputs and the request id."""
+def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> DecodedRequest:
+    """The model's rows, the requested outputs and the request id."""
     if not isinstance(body, dict):
         raise BadInput("V2 request body must be a JSON object")
     inputs = body.get("inputs")
@@ -125,7 +122,7 @@ def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> tup
     if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
         raise BadInput('"outputs" must be a list of {"name": ...} objects')
     outputs = check_outputs([o["name"] for o in requested], meta.is_classifier)
-    return X, outputs, body.get("id")
+    return DecodedRequest(model_input(X, meta), outputs, body.get("id"))
 
 
 def encode_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
@@ -134,17 +131,20 @@ def encode_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
             "data": jsonable(array.reshape(-1))}
 
 
-def encode_response(meta: ModelMetadata, results: dict[str, np.ndarray], outputs, request_id) -> dict[str, Any]:
+def encode_response(name: str, answer: Answer, request: DecodedRequest) -> dict[str, Any]:
     response = {
-        "model_name": meta.name,
-        "model_version": meta.version,
-        "outputs": [encode_tensor(name, results[name]) for name in outputs],
+        "model_name": name,
+        "model_version": answer.version,
+        "outputs": [encode_tensor(output, answer.outputs[output]) for output in request.outputs],
     }
-    if request_id is not None:
-        response["id"] = request_id
-    if "explanation_info" in results:  # contributions/bias: name their margin outputs and method
-        response["parameters"] = {"explanation": results["explanation_info"],
-                                  "feature_names": meta.feature_names}
+    if request.request_id is not None:
+        response["id"] = request.request_id
+    explanation = answer.explanation
+    if explanation is not None:  # contributions/bias: name their margin outputs and method
+        response["parameters"] = {
+            "explanation": {"outputs": explanation.outputs, "method": explanation.method,
+                            "margin_kind": explanation.margin_kind},
+            "feature_names": list(request.inputs.feature_names)}
     return response
 
 

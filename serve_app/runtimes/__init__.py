@@ -27,4 +27,9 @@ def load_runtime(store, name: str, version: str | None = None) -> ModelRuntime:
     return runtime_for(metadata.framework).load(store.read_artifact(metadata), metadata)
 
 
-__all__.append("load_runtime")
+def accepts_missing(metadata) -> bool:
+    """Whether the runtime of a stored model takes null/NaN inputs (known without loading it)."""
+    return runtime_for(metadata.framework).accepts_missing
+
+
+__all__ += ["load_runtime", "accepts_missing"]

@@ -49,6 +49,14 @@ class Explanation:
     method: str                # "tree_shap", "linear_exact" or "saabas"
 
 
+def margin_output_names(classes, columns: int) -> list[str]:
+    """Names of a model's margin columns: ``value`` for a regressor; for a classifier one per
+    class, or only the positive class when a binary model has one margin column."""
+    if classes is None:
+        return ["value"]
+    return [str(classes[-1])] if columns == 1 else [str(c) for c in classes]
+
+
 def register_runtime(cls: type["ModelRuntime"]) -> type["ModelRuntime"]:
     RUNTIMES[cls.framework] = cls
     return cls

@@ -22,7 +22,7 @@ from scipy import sparse
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MaxAbsScaler, MinMaxScaler, RobustScaler, StandardScaler
 
-from serve_app.runtimes.base import Explanation, UnsupportedOutput
+from serve_app.runtimes.base import Explanation, UnsupportedOutput, margin_output_names
 
 # Transforms whose output column j depends on input column j only: credit passes through them.
 PER_FEATURE_TRANSFORMS = (StandardScaler, MinMaxScaler, MaxAbsScaler, RobustScaler)
@@ -57,13 +57,10 @@ def _trees(estimator) -> list | None:
 
 
 def outputs_for(model, classes) -> list[str]:
+    """Linear models have one margin column per coefficient row; trees one per class."""
     _, final = _split(model)
-    if _is_linear(final):
-        coef = np.atleast_2d(final.coef_)
-        if classes is None:
-            return ["value"]
-        return [str(classes[-1])] if coef.shape[0] == 1 else [str(c) for c in classes]
-    return [str(c) for c in classes] if classes is not None else ["value"]
+    columns = np.atleast_2d(final.coef_).shape[0] if _is_linear(final) else len(classes or ())
+    return margin_output_names(classes, columns)
 
 
 def margin(model, X: np.ndarray, is_classifier: bool) -> np.ndarray:

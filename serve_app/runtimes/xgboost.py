@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import xgboost as xgb
 
-from serve_app.metadata import ModelMetadata
-from serve_app.runtimes.base import ArtifactError, Explanation, ModelRuntime, register_runtime
+from serve_app.metadata import ModelMetadata, labels_from_probabilities
+from serve_app.runtimes.base import ArtifactError, Explanation, ModelRuntime, margin_output_names, register_runtime
 
 
 @register_runtime
@@ -49,7 +49,7 @@ class XGBoostRuntime(ModelRuntime):
     def predict(self, X: np.ndarray) -> np.ndarray:
         if not self.meta.is_classifier:
             return self._raw(X)
-        return self.classes[np.argmax(self.predict_proba(X), axis=1)]
+        return labels_from_probabilities(self.classes, self.predict_proba(X))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         if not self.meta.is_classifier:
@@ -58,11 +58,6 @@ class XGBoostRuntime(ModelRuntime):
         if raw.ndim == 1:  # binary:logistic gives P(class 1) only
             return np.column_stack([1.0 - raw, raw])
         return raw
-
-    def _margin_outputs(self) -> list[str]:
-        if self.classes is None:
-            return ["value"]
-        return [str(self.classes[-1])] if len(self.classes) == 2 else [str(c) for c in self.classes]
 
     def margin(self, X: np.ndarray) -> np.ndarray:
         raw = self.model.inplace_predict(X, predict_type="margin", validate_features=False)
@@ -74,7 +69,7 @@ class XGBoostRuntime(ModelRuntime):
                                       validate_features=False)
         contribs = contribs.reshape(len(X), -1, X.shape[1] + 1)  # (rows, outputs, features + bias)
         return Explanation(contributions=contribs[:, :, :-1], bias=contribs[:, :, -1],
-                           outputs=self._margin_outputs(),
+                           outputs=margin_output_names(self.classes, contribs.shape[1]),
                            margin_kind="log_odds" if self.meta.is_classifier else "value",
                            method="tree_shap")
 

@@ -1,9 +1,7 @@
 """One model name as the ingress serves it: its live versions, the canary split, the shadow.
 
-A :class:`ServedModel` does not care where a version runs: each version is a *worker* with
-``meta``, ``accepts_missing``, ``spec`` and ``async infer(X, outputs)`` -- a
-:class:`~serve_app.worker.ModelWorker` in the ingress replica, a :class:`RemoteWorker` for a
-dedicated deployment, or a :class:`MultiplexedWorker` for the shared long-tail deployment.
+A :class:`ServedModel` does not care where a version runs: each version is a
+:class:`~serve_app.serving.interface.Worker`.
 """
 
 from __future__ import annotations
@@ -11,93 +9,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Awaitable, Callable, Mapping
 
 import numpy as np
-from ray.exceptions import RayTaskError
-from ray.serve.handle import DeploymentHandle
 
-from serve_app import telemetry
-from serve_app.errors import InferenceError, ModelNotFoundError
+from serve_app.config import ModelSpec
+from serve_app.errors import ModelNotFoundError
 from serve_app.metadata import ModelMetadata
-from serve_app.routing import TrafficSplit
-from serve_app.store import ModelStore
-from serve_app.worker import distinct
+from serve_app.monitoring import telemetry
+from serve_app.serving.interface import Answer, ModelInput, Worker, distinct
+from serve_app.serving.routing import TrafficSplit
 
 logger = logging.getLogger("ray.serve")
 
 # Shadows never queue without bound behind a slow shadow version: beyond this many in flight
 # per model a mirrored request is dropped (and counted as dropped).
 MAX_SHADOWS_IN_FLIGHT = 64
-
-
-async def _remote_infer(call) -> dict:
-    try:
-        return await call
-    except RayTaskError as exc:
-        # The model's client error, as raised there: Ray's wrapper hides its reason.
-        if isinstance(exc.cause, InferenceError):
-            raise exc.cause from None
-        raise
-
-
-class RemoteWorker:
-    """One version of a dedicated model seen from the ingress: same ``infer`` as ModelWorker.
-
-    The dedicated deployment can roll to another model version while this ingress lives on
-    (a config change to ``model-<name>`` alone), and during the rollout old and new replicas
-    answer side by side. So each answer says which version computed it, and is described with
-    that version's metadata (read once per version), never with the version this ingress
-    started with.
-    """
-
-    def __init__(self, meta: ModelMetadata, accepts_missing: bool, handle: DeploymentHandle, spec,
-                 store: ModelStore, label: str):
-        self.meta, self.accepts_missing, self._handle, self.spec = meta, accepts_missing, handle, spec
-        self._store, self.label = store, label
-        self._metas = {meta.version: meta}
-
-    async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
-        results = await _remote_infer(self._handle.infer.remote(X, outputs, self.label))
-        version = results["model_version"]
-        if version not in self._metas:
-            self._metas[version] = await asyncio.get_running_loop().run_in_executor(
-                None, self._store.read_metadata, self.meta.name, version)
-        self.meta = results["model_meta"] = self._metas[version]  # the newest answer describes the model
-        return results
-
-    def close(self) -> None:
-        pass
-
-
-class MultiplexedWorker:
-    """One version of a long-tail model, served by the shared multiplexed deployment.
-
-    The model id names the exact version and the reload generation, so Serve routes the
-    request to a replica that has that model loaded (or loads it there), and a reload makes
-    a new id that no replica has cached.
-    """
-
-    def __init__(self, meta: ModelMetadata, accepts_missing: bool, handle: DeploymentHandle, spec,
-                 generation: int):
-        self.meta, self.accepts_missing, self.spec = meta, accepts_missing, spec
-        self.model_id = multiplexed_model_id(meta.name, meta.version, generation)
-        self._handle = handle.options(multiplexed_model_id=self.model_id)
-
-    async def infer(self, X: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
-        return await _remote_infer(self._handle.infer.remote(X, outputs))
-
-    def close(self) -> None:
-        pass
-
-
-def multiplexed_model_id(name: str, version: str, generation: int) -> str:
-    return f"{name}:{version}:{generation}"
-
-
-def parse_multiplexed_model_id(model_id: str) -> tuple[str, str]:
-    name, version, _generation = model_id.split(":")
-    return name, version
 
 
 class ServedModel:
@@ -108,13 +35,13 @@ class ServedModel:
     that is not live on first use (the multiplexed long tail can address any stored version).
     """
 
-    def __init__(self, name: str, workers: Mapping[str, Any], default: str,
+    def __init__(self, name: str, workers: Mapping[str, Worker], default: str,
                  traffic: Mapping[str, float] | None = None, shadow: str | None = None,
                  serving: str = "in-process",
-                 open_version: Callable[[str], Awaitable[Any]] | None = None):
+                 open_version: Callable[[str], Awaitable[Worker]] | None = None):
         self.name, self.serving = name, serving
         self.default = workers[default]
-        self.by_version: dict[str, Any] = {}
+        self.by_version: dict[str, Worker] = {}
         for worker in workers.values():
             self.by_version.setdefault(worker.meta.version, worker)
         weights: dict[str, float] = {}
@@ -132,10 +59,15 @@ class ServedModel:
         return self.default.meta
 
     @property
-    def spec(self):
+    def spec(self) -> ModelSpec:
         return self.default.spec
 
-    async def pick(self, version: str | None, key: str | None):
+    @classmethod
+    def declared(cls, spec: ModelSpec, workers: Mapping[str, Worker], serving: str) -> "ServedModel":
+        """A model of the config: its live versions, split and shadow as the spec says."""
+        return cls(spec.name, workers, spec.version, spec.traffic, spec.shadow, serving)
+
+    async def pick(self, version: str | None, key: str | None) -> Worker:
         """The worker for an explicit ``version``, else the split's choice for ``key``."""
         if version is None:
             return self.by_version[self.split.choose(key)] if self.split else self.default
@@ -147,28 +79,34 @@ class ServedModel:
                 f"model {self.name!r} has no version {version!r} loaded; loaded: {sorted(self.by_version)}")
         return worker
 
-    def mirror(self, X: np.ndarray, outputs: tuple[str, ...], served: Mapping[str, Any]) -> None:
+    async def infer(self, worker: Worker, inputs: ModelInput, outputs: tuple[str, ...], mirror: bool) -> Answer:
+        """``worker``'s answer; with ``mirror`` (an unversioned request) the shadow version
+        gets the same request afterwards."""
+        answer = await worker.infer(inputs, outputs)
+        if mirror and self.shadow is not None:
+            self._mirror(inputs, outputs, answer)
+        return answer
+
+    def _mirror(self, inputs: ModelInput, outputs: tuple[str, ...], served: Answer) -> None:
         """Send a served request to the shadow version too, without waiting for it."""
-        if self.shadow is None:
-            return
         version = self.shadow.meta.version
         if self._shadows_in_flight >= MAX_SHADOWS_IN_FLIGHT:
             telemetry.shadow_done(self.name, version, "dropped", None)
             return
         self._shadows_in_flight += 1
-        asyncio.get_running_loop().create_task(self._shadow(X, outputs, served, version))
+        asyncio.get_running_loop().create_task(self._shadow(inputs, outputs, served, version))
 
-    async def _shadow(self, X, outputs, served, version) -> None:
+    async def _shadow(self, inputs: ModelInput, outputs: tuple[str, ...], served: Answer, version: str) -> None:
         started = time.perf_counter()
         try:
             try:
                 async with asyncio.timeout(self.shadow.spec.timeout_s):
-                    answer = await self.shadow.infer(X, outputs)
+                    answer = await self.shadow.infer(inputs, outputs)
             except Exception as exc:  # a broken shadow never touches the served answer
                 logger.warning("shadow version %s of model %r failed: %r", version, self.name, exc)
                 telemetry.shadow_done(self.name, version, "error", time.perf_counter() - started)
                 return
-            outcome = "match" if same_answer(served, answer, outputs) else "mismatch"
+            outcome = "match" if same_answer(served.outputs, answer.outputs, outputs) else "mismatch"
             telemetry.shadow_done(self.name, version, outcome, time.perf_counter() - started)
         finally:
             self._shadows_in_flight -= 1
@@ -192,7 +130,7 @@ class ServedModel:
             worker.close()
 
 
-def same_answer(served: Mapping[str, Any], shadow: Mapping[str, Any], outputs: tuple[str, ...]) -> bool:
+def same_answer(served: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray], outputs: tuple[str, ...]) -> bool:
     """Whether two answers agree on every asked output (floats within 1e-6 relative)."""
     for output in outputs:
         a, b = np.asarray(served[output]), np.asarray(shadow[output])

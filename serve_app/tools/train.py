@@ -1,6 +1,6 @@
 """Train the demo models on scikit-learn's bundled datasets and write them to the store.
 
-    python -m serve_app.train [--store PATH|s3://...] [--model iris ...] [--version 2] [--if-missing]
+    python -m serve_app.tools.train [--store PATH|s3://...] [--model iris ...] [--version 2] [--if-missing]
 
 Nothing is downloaded: every dataset ships inside scikit-learn. Each model gets a held-out
 test split, its metrics are printed and recorded in the metadata.
@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from xgboost import XGBClassifier
 
 from serve_app.metadata import Feature, ModelMetadata, reference_statistics
 from serve_app.runtimes import runtime_for
@@ -27,8 +28,6 @@ from serve_app.store import DEFAULT_STORE, ModelStore
 
 
 def _xgb_classifier(**params):
-    from xgboost import XGBClassifier
-
     defaults = dict(n_estimators=60, max_depth=3, learning_rate=0.2, n_jobs=1)
     return XGBClassifier(**{**defaults, **params})
 
@@ -53,22 +52,14 @@ class DemoModel:
 
 
 DEMO_MODELS: dict[str, DemoModel] = {
-    "iris": DemoModel(
-        datasets.load_iris, "sklearn", "classification", _iris_pipeline,
-        "Iris species from four flower measurements (StandardScaler + LogisticRegression).",
-    ),
-    "breast-cancer": DemoModel(
-        datasets.load_breast_cancer, "xgboost", "classification", _xgb_classifier,
-        "Malignant (0) or benign (1) from 30 cell-nucleus features (XGBClassifier).",
-    ),
-    "diabetes": DemoModel(
-        datasets.load_diabetes, "sklearn", "regression", _diabetes_pipeline,
-        "Disease progression one year after baseline (StandardScaler + Ridge).",
-    ),
-    "wine": DemoModel(
-        datasets.load_wine, "xgboost", "classification", _xgb_classifier,
-        "Wine cultivar from 13 chemical measurements (XGBClassifier, 3 classes).",
-    ),
+    "iris": DemoModel(datasets.load_iris, "sklearn", "classification", _iris_pipeline,
+                      "Iris species from four flower measurements (StandardScaler + LogisticRegression)."),
+    "breast-cancer": DemoModel(datasets.load_breast_cancer, "xgboost", "classification", _xgb_classifier,
+                               "Malignant (0) or benign (1) from 30 cell-nucleus features (XGBClassifier)."),
+    "diabetes": DemoModel(datasets.load_diabetes, "sklearn", "regression", _diabetes_pipeline,
+                          "Disease progression one year after baseline (StandardScaler + Ridge)."),
+    "wine": DemoModel(datasets.load_wine, "xgboost", "classification", _xgb_classifier,
+                      "Wine cultivar from 13 chemical measurements (XGBClassifier, 3 classes)."),
 }
 DEFAULT_MODELS = ("iris", "breast-cancer", "diabetes")
 
@@ -152,7 +143,7 @@ def ensure_models(store: ModelStore, names=DEFAULT_MODELS) -> list[ModelMetadata
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve_app.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m serve_app.tools.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default=DEFAULT_STORE, help="local path or s3://bucket/prefix")
     parser.add_argument("--model", action="append", choices=sorted(DEMO_MODELS),

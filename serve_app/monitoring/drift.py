@@ -1,6 +1,6 @@
 """Input drift: the Population Stability Index (PSI) of recent inputs against the training data.
 
-Method (README "Monitoring"): at training time every feature's decile edges and the share of
+Method (docs/monitoring.md): at training time every feature's decile edges and the share of
 training rows in each decile are stored in the model metadata
 (:func:`serve_app.metadata.reference_statistics`). At serving time each replica keeps the most
 recent ``window_rows`` input rows in a ring buffer; every ``interval_s`` seconds, off the

@@ -22,6 +22,7 @@ import uuid
 from typing import Awaitable, Callable, Iterable
 
 import ray
+from ray import serve
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,11 +75,15 @@ def get_board(app_name: str):
 
 
 class ReloadWatcher:
-    """Polls the board from a replica and reloads the models whose generation moved."""
+    """Polls the board from a replica and reloads the models whose generation moved.
 
-    def __init__(self, app_name: str, replica: str, hosted: Callable[[], Iterable[str]],
-                 reload: Callable[[str], Awaitable[None]]):
-        self.app_name, self.replica = app_name, replica
+    ``hosted`` says which models the replica serves now; ``reload(name)`` swaps one of them.
+    Made in a replica's constructor: it reads the application and replica from Serve.
+    """
+
+    def __init__(self, hosted: Callable[[], Iterable[str]], reload: Callable[[str], Awaitable[None]]):
+        context = serve.get_replica_context()
+        self.app_name, self.replica = context.app_name, context.replica_id.unique_id
         self._hosted, self._reload = hosted, reload
         self._epoch: str | None = None
         self._generations: dict[str, int] = {}

@@ -26,7 +26,9 @@ import signal
 import tempfile
 from collections.abc import Mapping
 
+import ray
 import yaml
+from ray.serve.scripts import cli
 
 DEFAULT_CONFIG = "configs/serve_config.yaml"
 
@@ -51,9 +53,6 @@ def _interrupt(signum, frame):
 
 
 def main() -> None:
-    import ray
-    from ray.serve.scripts import cli
-
     path = config_for(os.environ)
     # `serve run` calls ray.init() only when Ray is not initialised yet: start it here with
     # the dashboard and metrics reachable from outside the container.

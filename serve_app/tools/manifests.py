@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from serve_app import prometheus_rule
+from serve_app.tools import alert_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = Path("configs/serve_config.yaml")
@@ -110,7 +110,7 @@ def generated_files(root: Path = ROOT) -> dict[Path, str]:
     return {
         GENERATED_DIR / "kustomization.yaml": component(pins),
         GENERATED_DIR / "rayservice.yaml": rayservice_patch(serve_config, pins),
-        prometheus_rule.MANIFEST: prometheus_rule.render(root),
+        alert_rules.MANIFEST: alert_rules.render(root),
     }
 
 

@@ -3,13 +3,14 @@ metrics port next to the built-in ``ray_serve_*`` series.
 
 Ray prefixes every name with ``ray_`` and adds ``application``, ``deployment`` and
 ``replica`` labels; counters get a ``_total`` suffix. So ``serve_app_requests`` below is
-scraped as ``ray_serve_app_requests_total``. :data:`METRICS` is the catalogue the README's
-"Monitoring" table, the alert rules and the dashboards are written against.
+scraped as ``ray_serve_app_requests_total``. :data:`METRICS` is the catalogue docs/monitoring.md's
+table, the alert rules and the dashboards are written against.
 
 Label values are bounded on purpose (model names that are served, fixed outcome/reason
 vocabularies, class labels of the model): a client sending random model names must not be
-able to create series. Metric objects are created lazily, once per process, so importing this
-module is free, and code outside a Ray worker (unit tests, training) may call these functions.
+able to create series. Metric objects are created on first use, once per process, and only in
+a Serve replica: code outside one (unit tests, training, a notebook's driver) may call these
+functions and exports nothing.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
+import ray
+from ray.serve import context, metrics
 
-from serve_app.metadata import ModelMetadata
+from serve_app.metadata import ModelMetadata, labels_from_probabilities
 
 logger = logging.getLogger("ray.serve")
 
@@ -92,8 +95,6 @@ SHADOW_OUTCOMES = ("match", "mismatch", "error", "dropped")
 
 @functools.cache
 def _objects():
-    from ray.serve import metrics
-
     made = {}
     for m in METRICS.values():
         if m.kind == "counter":
@@ -113,8 +114,6 @@ def _in_replica() -> bool:
     """Metrics come from Serve replicas only: a driver (a test, a notebook) that builds a
     ModelWorker must not export series that look like a served model's. Asked once per
     process (a replica's context exists from its constructor on), not per request."""
-    from ray.serve import context
-
     return context._get_internal_replica_context() is not None
 
 
@@ -164,8 +163,6 @@ class _GaugeKeeper:
             objects[name].set(0, tags=dict(tags))
 
     def _run(self) -> None:
-        import ray
-
         period = max(ray._config.metrics_report_interval_ms(), 1000) / 2000.0
         while True:
             time.sleep(period)
@@ -224,7 +221,7 @@ class ModelTelemetry:
             if self.meta.is_classifier:
                 labels = results.get("predict")
                 if labels is None:  # probabilities only: count the most likely class
-                    labels = np.asarray(self.meta.classes)[np.argmax(results["predict_proba"], axis=1)]
+                    labels = labels_from_probabilities(self.meta.classes, results["predict_proba"])
                 for value, count in zip(*np.unique(labels, return_counts=True)):
                     m["serve_app_predictions"].inc(int(count), tags={**self.labels, "class": str(value)})
             elif "predict" in results:

@@ -62,7 +62,7 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 def stop_orphaned_haproxy(port: int) -> None:
     """Ray 2.60 can leave its HAProxy running after `ray stop`; end the one on ``port``."""
-    import psutil
+    import psutil  # the test extra's: only the tests and the benchmarks call this
 
     for proc in psutil.process_iter(["name"]):
         try:
@@ -84,7 +84,7 @@ def stop_ray_cluster(temp_dir: str | os.PathLike, timeout: float = 15) -> None:
     is re-parented to init and names only the GCS address) is found as an orphan in the
     process group of one of those.
     """
-    import psutil
+    import psutil  # the test extra's: only the tests and the benchmarks call this
 
     marker = str(temp_dir)
     mine: dict[int, psutil.Process] = {}

@@ -1,0 +1,200 @@
+"""The HTTP ingress: KServe V1 and Open Inference Protocol V2 routes over one FastAPI app.
+
+Each route reads its body, decodes it with a codec, asks the registry which worker answers,
+and encodes the answer, inside the request lifecycle (:mod:`serve_app.http.lifecycle`) that
+authenticates, times out, maps errors to statuses, counts and logs. Models run inside this
+replica unless declared ``dedicated`` (a deployment of their own) or served from the
+multiplexed long tail; the registry hides which.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from serve_app import __version__
+from serve_app.codecs import v1, v2
+from serve_app.config import AppConfig
+from serve_app.deployments.handles import DEPLOYMENT_OPTIONS
+from serve_app.deployments.placement import DeploymentPlacement
+from serve_app.deployments.reloads import ReloadWatcher, request_reload
+from serve_app.errors import InferenceTimeout, ReloadFailed
+from serve_app.http import auth, bodies
+from serve_app.http.lifecycle import RequestLifecycle, RequestRefused
+from serve_app.http.openapi_docs import V1_REQUEST, V2_REQUEST
+from serve_app.http.responses import error_response, json_response, v2_response
+from serve_app.metadata import ModelMetadata
+from serve_app.serving.outputs import EXPLANATION_OUTPUTS
+from serve_app.serving.registry import ModelRegistry
+from serve_app.store import ModelStore
+
+logger = logging.getLogger("ray.serve")
+SERVER_NAME = "serve-app"
+# How long a reload request waits for every replica to reload.
+RELOAD_TIMEOUT_S = 60.0
+
+api = FastAPI(
+    title="serve-app",
+    version=__version__,
+    description="scikit-learn and XGBoost models on Ray Serve: KServe V1 and Open Inference Protocol V2.",
+)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    return error_response(exc.status_code, str(exc.detail))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+    return error_response(400, str(exc.errors()))
+
+
+@api.exception_handler(RequestRefused)
+async def _refused(_: Request, exc: RequestRefused) -> Response:
+    return exc.response
+
+
+@serve.deployment(name="ModelServer", **DEPLOYMENT_OPTIONS)
+@serve.ingress(api)
+class ModelServer:
+    def __init__(self, config: dict, dedicated: dict[str, DeploymentHandle] | None = None,
+                 multiplexed: DeploymentHandle | None = None):
+        self.config = AppConfig.model_validate(config)
+        store = ModelStore(self.config.store)
+        self._watcher = ReloadWatcher(lambda: self.registry.hosted(), lambda name: self.registry.reload(name))
+        placement = DeploymentPlacement(store, dedicated or {}, multiplexed, self.config.multiplexed,
+                                        self._watcher.generation)
+        self.registry = ModelRegistry(self.config, store, placement)
+        token = auth.configured_token()
+        if token is None:
+            logger.warning("no SERVE_APP_API_TOKEN: the model and admin endpoints (reload) are open")
+        self.lifecycle = RequestLifecycle(self.registry, self.config.access_log, token)
+        self._limit = self.config.max_request_bytes
+
+    async def check_health(self) -> None:
+        """Serve replaces this replica when a model loaded here stops predicting."""
+        self._watcher.start()
+        for worker in self.registry.workers():
+            await worker.check()
+
+    def _scope(self, request: Request, protocol: str, name: str, **options):
+        self._watcher.start()
+        return self.lifecycle.scope(request, protocol, name, **options)
+
+    async def _describe(self, request: Request, protocol: str, name: str, version: str | None,
+                        describe: Callable[[ModelMetadata], dict], public: bool = False) -> Response:
+        """A metadata or readiness answer about one version (the default when none is named)."""
+        async with self._scope(request, protocol, name, public=public) as scope:
+            worker = await self.registry.for_metadata(name, version)
+            scope.reply(describe(worker.meta), worker.meta.version)
+        return scope.response
+
+    async def _v1_request(self, request: Request, name: str, version: str | None):
+        """The model, the worker that answers and the decoded V1 body."""
+        served, worker = await self.registry.for_inference(name, version, request.headers.get("x-request-id"))
+        body = await bodies.json_body(request, self._limit)
+        return served, worker, v1.decode_request(body, worker.meta, worker.accepts_missing)
+
+    # -- KServe V1 ---------------------------------------------------------------------------
+    @api.get("/v1/models", tags=["V1"])
+    async def v1_list(self, request: Request) -> Response:
+        async with self._scope(request, "v1", "") as scope:
+            scope.reply({"models": await self.registry.names()})
+        return scope.response
+
+    @api.get("/v1/models/{name}", tags=["V1"])
+    @api.get("/v1/models/{name}/versions/{version}", tags=["V1"])
+    async def v1_model(self, name: str, request: Request, version: str | None = None) -> Response:
+        return await self._describe(request, "v1", name, version,
+                                    lambda meta: {"name": name, "ready": True, **meta.to_dict()})
+
+    @api.post("/v1/models/{name}:predict", tags=["V1"], openapi_extra=V1_REQUEST)
+    @api.post("/v1/models/{name}/versions/{version}:predict", tags=["V1"], openapi_extra=V1_REQUEST)
+    async def v1_predict(self, name: str, request: Request, version: str | None = None) -> Response:
+        async with self._scope(request, "v1", name) as scope:
+            served, worker, decoded = await self._v1_request(request, name, version)
+            answer = await served.infer(worker, decoded.inputs, decoded.outputs, mirror=version is None)
+            scope.reply(v1.encode_response(answer, decoded), answer.version)
+        return scope.response
+
+    @api.post("/v1/models/{name}:explain", tags=["V1"], openapi_extra=V1_REQUEST)
+    @api.post("/v1/models/{name}/versions/{version}:explain", tags=["V1"], openapi_extra=V1_REQUEST)
+    async def v1_explain(self, name: str, request: Request, version: str | None = None) -> Response:
+        """Per-feature contributions to the model's margin, per row (docs/protocols.md)."""
+        async with self._scope(request, "v1", name) as scope:
+            _, worker, decoded = await self._v1_request(request, name, version)
+            answer = await worker.infer(decoded.inputs, EXPLANATION_OUTPUTS)
+            scope.reply(v1.encode_explanation(answer, decoded), answer.version)
+        return scope.response
+
+    # -- Open Inference Protocol V2 ------------------------------------------------------------
+    @api.get("/v2", tags=["V2"])
+    async def v2_server(self) -> Response:
+        return json_response({"name": SERVER_NAME, "version": __version__,
+                              "extensions": ["binary_tensor_data", "model_repository"]})
+
+    @api.get("/v2/health/live", tags=["V2"])
+    async def v2_live(self) -> Response:
+        return json_response({"live": True})
+
+    @api.get("/v2/health/ready", tags=["V2"])
+    async def v2_ready(self) -> Response:
+        return json_response({"ready": True})
+
+    @api.get("/v2/models/{name}", tags=["V2"])
+    @api.get("/v2/models/{name}/versions/{version}", tags=["V2"])
+    async def v2_model(self, name: str, request: Request, version: str | None = None) -> Response:
+        return await self._describe(request, "v2", name, version, v2.model_metadata)
+
+    @api.get("/v2/models/{name}/ready", tags=["V2"])
+    @api.get("/v2/models/{name}/versions/{version}/ready", tags=["V2"])
+    async def v2_model_ready(self, name: str, request: Request, version: str | None = None) -> Response:
+        return await self._describe(request, "v2", name, version, lambda meta: {"name": name, "ready": True},
+                                    public=True)  # a health probe: no token
+
+    @api.post("/v2/models/{name}/infer", tags=["V2"], openapi_extra=V2_REQUEST)
+    @api.post("/v2/models/{name}/versions/{version}/infer", tags=["V2"], openapi_extra=V2_REQUEST)
+    async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
+        async with self._scope(request, "v2", name) as scope:
+            served, worker = await self.registry.for_inference(name, version, request.headers.get("x-request-id"))
+            body, binary_outputs = await bodies.v2_body(request, self._limit)
+            decoded = v2.decode_request(body, worker.meta, worker.accepts_missing)
+            answer = await served.infer(worker, decoded.inputs, decoded.outputs, mirror=version is None)
+            scope.reply(v2_response(v2.encode_response(name, answer, decoded), binary_outputs), answer.version)
+        return scope.response
+
+    # -- model repository (the V2 repository extension, as Triton and MLServer speak it) ------
+    @api.get("/v2/repository/index", tags=["Repository"])
+    @api.post("/v2/repository/index", tags=["Repository"])
+    async def repository_index(self, request: Request) -> Response:
+        """Every model and version: what is live, where, with which share of traffic."""
+        async with self._scope(request, "admin", "") as scope:
+            scope.reply(await self.registry.index())
+        return scope.response
+
+    @api.post("/v2/repository/models/{name}/load", tags=["Repository"])
+    async def repository_load(self, name: str, request: Request) -> Response:
+        """Reload ``name`` from the store in every replica that serves it, without a restart
+        (``latest`` is resolved again). Answers when all have reloaded."""
+        async with self._scope(request, "admin", name, timeout=RELOAD_TIMEOUT_S + 5) as scope:
+            await self.registry.served(name)  # 404 for a name that is neither declared nor in the tail
+            generation, reloaded, pending, failed = await request_reload(
+                self._watcher.app_name, name, RELOAD_TIMEOUT_S)
+            if pending:
+                raise InferenceTimeout(f"{len(pending)} replicas did not reload {name!r} within {RELOAD_TIMEOUT_S} s")
+            if failed:
+                raise ReloadFailed(f"reloading {name!r} failed on {len(failed)} replicas (the loaded version "
+                                   f"keeps serving): {sorted(set(failed.values()))}")
+            await self._watcher.caught_up(name, generation)
+            served = await self.registry.served(name)
+            scope.reply({"name": name, "generation": generation, "replicas_reloaded": reloaded,
+                         "versions": served.describe()})
+        return scope.response

@@ -1,0 +1,148 @@
+"""The models an ingress replica serves, by name: the declared ones, the long tail seen so
+far, reload swaps, and the repository index.
+
+Plain Python on purpose (no HTTP, no Serve): routes ask it which worker answers, and it asks
+a :class:`Placement` for workers, so it is tested without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from typing import Protocol
+
+from serve_app.config import AppConfig, ModelSpec
+from serve_app.errors import ModelNotFoundError
+from serve_app.metadata import ModelMetadata
+from serve_app.serving.interface import Worker, close_later, distinct
+from serve_app.serving.served import ServedModel
+from serve_app.store import ModelStoreError, ModelStore, version_sort_key
+
+# A name found missing in the store is not looked up again for this long: a flood of unknown
+# names stays off the store.
+ABSENT_FOR_S = 5.0
+# Long-tail models whose metadata the registry keeps (the models themselves live elsewhere).
+MAX_TAIL_ENTRIES = 1000
+
+
+class Placement(Protocol):
+    """Opens workers wherever the models run (serve_app.deployments.placement)."""
+
+    def declared(self, spec: ModelSpec) -> tuple[dict[str, Worker], str]:
+        """A worker per live version label of ``spec``, and how it is served."""
+        ...
+
+    def tail(self, meta: ModelMetadata) -> Worker:
+        """A worker for one stored version of a long-tail model."""
+        ...
+
+
+class ModelRegistry:
+    def __init__(self, config: AppConfig, store: ModelStore, placement: Placement):
+        self.config, self.store, self._placement = config, store, placement
+        self._specs = {spec.name: spec for spec in config.models}
+        self.declared: dict[str, ServedModel] = {spec.name: self._open(spec) for spec in config.models}
+        self._tail: OrderedDict[str, ServedModel] = OrderedDict()
+        self._absent: dict[str, float] = {}
+
+    def _open(self, spec: ModelSpec) -> ServedModel:
+        return ServedModel.declared(spec, *self._placement.declared(spec))
+
+    # -- lookups ------------------------------------------------------------------------------
+    def known(self, name: str) -> ServedModel | None:
+        """The model if it is served already (declared, or a long-tail model seen before)."""
+        return self.declared.get(name) or self._tail.get(name)
+
+    def timeout_for(self, name: str) -> float | None:
+        known = self.known(name)
+        if known is not None:
+            return known.spec.timeout_s
+        return self.config.multiplexed.timeout_s if self.config.multiplexed else None
+
+    async def served(self, name: str) -> ServedModel:
+        """The model called ``name``, opening a long-tail model on its first request; 404
+        when it is neither declared nor (for the long tail) in the store."""
+        served = self.known(name)
+        if served is not None:
+            return served
+        mux = self.config.multiplexed
+        if mux is None or not mux.serves(name) or self._absent.get(name, 0) > time.monotonic():
+            raise ModelNotFoundError(f"model {name!r} is not served; served: {sorted(self.declared)}")
+        try:
+            default = await self._open_tail_version(name, None)
+        except ModelNotFoundError:
+            self._absent[name] = time.monotonic() + ABSENT_FOR_S
+            raise
+        served = self._tail[name] = ServedModel(
+            name, {"latest": default}, "latest", serving="multiplexed",
+            open_version=lambda version: self._open_tail_version(name, version))
+        while len(self._tail) > MAX_TAIL_ENTRIES:
+            self._tail.popitem(last=False)
+        return served
+
+    async def _open_tail_version(self, name: str, version: str | None) -> Worker:
+        try:
+            meta = await asyncio.to_thread(self.store.read_metadata, name, version)
+        except (ModelStoreError, ValueError):
+            if version is None:
+                raise ModelNotFoundError(f"model {name!r} is not served and not in the store; served: "
+                                         f"{sorted(self.declared)}") from None
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r} in the store") from None
+        return self._placement.tail(meta)
+
+    async def for_inference(self, name: str, version: str | None, key: str | None) -> tuple[ServedModel, Worker]:
+        """The model and the worker that answers: ``version`` when the request names one,
+        else the canary split's choice for ``key`` (the request id: sticky per id)."""
+        served = await self.served(name)
+        return served, await served.pick(version, key)
+
+    async def for_metadata(self, name: str, version: str | None) -> Worker:
+        """The worker whose metadata describes the model: ``version``, else the default
+        version (never a canary draw: a description must not change from call to call)."""
+        served = await self.served(name)
+        return served.default if version is None else await served.pick(version, None)
+
+    def hosted(self) -> list[str]:
+        """The models this replica serves now (a reload waits for the replicas hosting one)."""
+        return [*self.declared, *self._tail]
+
+    def workers(self) -> list[Worker]:
+        """Every worker of every served model, each once (health checks)."""
+        return distinct(w for served in [*self.declared.values(), *self._tail.values()]
+                        for w in served.by_version.values())
+
+    # -- reloads ------------------------------------------------------------------------------
+    async def reload(self, name: str) -> None:
+        """Reload ``name`` from the store (``latest`` resolved again); requests in flight
+        finish on the old workers."""
+        if name in self.declared:
+            spec = self._specs[name]
+            fresh = await asyncio.to_thread(self._open, spec)
+            old, self.declared[name] = self.declared[name], fresh
+            close_later(old.by_version.values(), spec.timeout_s)
+        else:
+            self._tail.pop(name, None)  # the next request reads the store again, with a new model id
+
+    # -- the repository index ------------------------------------------------------------------
+    async def index(self) -> list[dict]:
+        """Live versions (READY) and the store's other versions (UNAVAILABLE, or loaded on
+        first use when the multiplexed long tail serves them)."""
+        entries = [entry for served in [*self.declared.values(), *self._tail.values()]
+                   for entry in served.describe()]
+        live = {(e["name"], e["version"]) for e in entries}
+        stored = await asyncio.to_thread(self.store.list_models)
+        mux = self.config.multiplexed
+        for name, versions in sorted(stored.items()):
+            tail = mux is not None and name not in self.declared and mux.serves(name)
+            for version in versions:
+                if (name, version) not in live:
+                    entries.append({"name": name, "version": version, "state": "UNAVAILABLE",
+                                    "serving": "multiplexed" if tail else None,
+                                    "reason": "loads on first request" if tail else "in the store, not configured"})
+        return sorted(entries, key=lambda e: (e["name"], version_sort_key(e["version"])))
+
+    async def names(self) -> list[str]:
+        """The models a client can call now: live ones, and the long tail's stored ones."""
+        return sorted({entry["name"] for entry in await self.index()
+                       if entry["state"] == "READY" or entry["serving"] == "multiplexed"})

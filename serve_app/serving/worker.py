@@ -1,0 +1,216 @@
+"""A loaded model plus its dynamic-batching queue: the one place a model is called.
+
+The same :class:`ModelWorker` runs inside the HTTP ingress replica (the default: no
+DeploymentHandle hop on the request path), inside a dedicated per-model deployment, or in a
+replica of the multiplexed long tail (:mod:`serve_app.deployments`). Requests are queued with
+``@serve.batch`` and sized in rows, so many single-row requests share one model call while a
+large request runs on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import numpy as np
+from ray import serve
+
+from serve_app.config import ModelSpec
+from serve_app.metadata import labels_from_probabilities
+from serve_app.monitoring.drift import DriftMonitor
+from serve_app.monitoring.telemetry import ModelTelemetry
+from serve_app.runtimes import ModelRuntime, load_runtime
+from serve_app.serving.interface import Answer, ModelInput, Worker
+from serve_app.serving.outputs import EXPLANATION_OUTPUTS, wants_explanation
+from serve_app.store import ModelStore
+
+logger = logging.getLogger("ray.serve")
+
+Outputs = dict[str, np.ndarray]
+_Item = tuple[ModelInput, tuple[str, ...]]
+
+
+def _rows(items: Sequence[_Item]) -> int:
+    return sum(inputs.rows for inputs, _ in items)
+
+
+class ModelWorker(Worker):
+    """A model version loaded in this process."""
+
+    def __init__(self, runtime: ModelRuntime, spec: ModelSpec, load_seconds: float = 0.0):
+        self.runtime = runtime
+        self.meta = runtime.meta
+        self.spec = spec
+        self.accepts_missing = runtime.accepts_missing
+        self.telemetry = ModelTelemetry(self.meta)
+        self.drift = DriftMonitor(self.meta, **spec.drift.model_dump())
+        # The model runs on a thread of its own, never on the event loop: a slow or stuck
+        # model cannot freeze the replica (timeouts fire, health checks and other models answer).
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.meta.name}")
+        self._closed = False
+        self._pending = 0  # requests inside _predict (queued or at the model); event loop only
+        self._probe = self._reference_row()
+        self._batched = serve.batch(
+            max_batch_size=spec.max_batch_size,
+            batch_wait_timeout_s=spec.batch_wait_timeout_s,
+            batch_size_fn=_rows,
+        )(self._run_batch)
+        self.telemetry.loaded(load_seconds)
+
+    @classmethod
+    def from_store(cls, store: ModelStore, spec: ModelSpec) -> "ModelWorker":
+        started = time.perf_counter()
+        runtime = load_runtime(store, spec.name, spec.version)
+        return cls(runtime, spec, time.perf_counter() - started)
+
+    def reconfigure(self, spec: ModelSpec) -> None:
+        """Apply new batching and drift settings without reloading the model."""
+        if spec.drift != self.spec.drift:
+            self.drift = DriftMonitor(self.meta, **spec.drift.model_dump())
+        self.spec = spec
+        self._batched.set_max_batch_size(spec.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+
+    def close(self) -> None:
+        """Release the model's thread and stop reporting it (replaced, or evicted from a
+        multiplexed replica). Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._model_thread.shutdown(wait=False)
+            self.telemetry.unloaded()
+
+    def __del__(self) -> None:  # Serve's multiplexing drops evicted models without a call
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- the request path -----------------------------------------------------------------
+    async def infer(self, inputs: ModelInput, outputs: tuple[str, ...]) -> Answer:
+        self.drift.observe(inputs.matrix)
+        if self.drift.due():
+            self._start_drift_update()
+        if wants_explanation(outputs):
+            return await self._explain(inputs, outputs)
+        return Answer(await self._predict(inputs, outputs), self.meta.version)
+
+    async def _predict(self, inputs: ModelInput, outputs: tuple[str, ...]) -> Outputs:
+        self._pending += 1
+        try:
+            if self._skips_queue(inputs):
+                return await self._on_model_thread(self._compute, inputs, outputs)
+            answer = await self._batched((inputs, outputs))
+        finally:
+            self._pending -= 1
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def _skips_queue(self, inputs: ModelInput) -> bool:
+        """A request that could share no batch goes straight to the model: one that is already a
+        full batch, and, when batches do not wait, one that finds the model idle (the queue would
+        call the model with it alone, after a few more event-loop turns). Under load requests
+        find others pending and queue as before."""
+        if inputs.rows >= self.spec.max_batch_size:
+            return True
+        return self.spec.batch_wait_timeout_s == 0 and self._pending == 1  # only this request
+
+    async def _run_batch(self, items: list[_Item]) -> list[Outputs | Exception]:
+        if len(items) == 1:
+            return [await self._alone(*items[0])]
+        wanted = tuple(dict.fromkeys(o for _, outs in items for o in outs))
+        try:
+            results = await self._on_model_thread(
+                self._compute, ModelInput.concat([inputs for inputs, _ in items]), wanted)
+        except Exception:
+            # One request's rows broke the shared call (say, a huge value overflowing inside a
+            # pipeline): answer each request on its own, so only the one that caused it fails.
+            return [await self._alone(inputs, outs) for inputs, outs in items]
+        answers, start = [], 0
+        for inputs, outs in items:
+            stop = start + inputs.rows
+            answers.append({o: results[o][start:stop] for o in outs})
+            start = stop
+        return answers
+
+    async def _alone(self, inputs: ModelInput, outputs: tuple[str, ...]) -> Outputs | Exception:
+        """One request's answer, or its exception as a value: a batch result is per request."""
+        try:
+            return await self._on_model_thread(self._compute, inputs, outputs)
+        except Exception as exc:
+            return exc
+
+    def _compute(self, inputs: ModelInput, outputs: Sequence[str]) -> Outputs:
+        started = time.perf_counter()
+        X, results = inputs.matrix, {}
+        if "predict_proba" in outputs and self.meta.is_classifier:
+            proba = np.asarray(self.runtime.predict_proba(X), dtype=np.float64)
+            results["predict_proba"] = proba
+            if "predict" in outputs:  # labels from the probabilities: one model call
+                results["predict"] = labels_from_probabilities(self.meta.classes, proba)
+        elif "predict" in outputs:
+            pred = np.asarray(self.runtime.predict(X))
+            results["predict"] = pred if self.meta.is_classifier else pred.astype(np.float64)
+        self.telemetry.called(inputs.rows, time.perf_counter() - started, results)
+        return results
+
+    async def _explain(self, inputs: ModelInput, outputs: tuple[str, ...]) -> Answer:
+        """Explanations are heavier than predictions and have their own shape: they run on the
+        model thread directly, not through the batching queue; predictions asked alongside do."""
+        explanation = await self._on_model_thread(self.runtime.explain, inputs.matrix)
+        results = {"contributions": explanation.contributions, "bias": explanation.bias}
+        rest = tuple(o for o in outputs if o not in EXPLANATION_OUTPUTS)
+        if rest:
+            results.update(await self._predict(inputs, rest))
+        return Answer(results, self.meta.version, explanation)
+
+    async def _on_model_thread(self, fn, *args):
+        """``fn(*args)`` on this model's own thread, awaited without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+
+    # -- health and drift -----------------------------------------------------------------
+    def _reference_row(self) -> np.ndarray:
+        """One typical input (training means) for health probes."""
+        stats = self.meta.reference_stats
+        return np.array([[stats.get(f, {}).get("mean", 0.0) for f in self.meta.feature_names]])
+
+    async def check(self) -> None:
+        """Raise unless the model still predicts: one row through the model, outside the
+        batching queue (Serve calls this from ``check_health`` and replaces a replica that fails)."""
+        async with asyncio.timeout(self.spec.timeout_s):
+            result = await self._on_model_thread(self.runtime.predict, self._probe)
+        if np.asarray(result).shape[0] != 1:
+            raise RuntimeError(f"model {self.meta.name!r} answered a one-row probe with {result!r}")
+
+    def _start_drift_update(self) -> None:
+        """PSI of the current window, computed on a thread of its own: the request does not
+        wait, and nothing waits for it (it reports through telemetry)."""
+        window = self.drift.snapshot()
+        self.drift.computing = True
+
+        def run() -> None:
+            try:
+                self.telemetry.drift(self.drift.compute(window), window.shape[0])
+            except Exception:
+                logger.exception("drift computation failed for model %s", self.meta.name)
+            finally:
+                self.drift.computing = False
+
+        threading.Thread(target=run, name=f"drift-{self.meta.name}", daemon=True).start()
+
+
+def load_versions(store: ModelStore, spec: ModelSpec) -> dict[str, ModelWorker]:
+    """A worker for each live version label of ``spec``; labels naming the same stored
+    version (``latest`` and ``"3"``) share one loaded model."""
+    by_version: dict[str, ModelWorker] = {}
+    workers = {}
+    for label in spec.live_versions:
+        version = store.resolve_version(spec.name, label)
+        if version not in by_version:
+            by_version[version] = ModelWorker.from_store(store, spec.for_version(version))
+        workers[label] = by_version[version]
+    return workers
