@@ -7,7 +7,7 @@ against that CRD's ``openAPIV3Schema``, strictly (unknown fields rejected, as ``
 strict field validation does); every other kind with kubernetes-validate, strictly, for a current
 Kubernetes; a kind that is neither fails. On top of the schemas: the RayService's serveConfigV2
 is configs/serve_config.yaml and validates with Ray Serve's own schema, versions follow the
-pins, and the security and KubeRay rules README "Deploy to Kubernetes" promises hold.
+pins, and the security and KubeRay rules docs/kubernetes.md promises hold.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def pod_templates(objects) -> dict[str, dict]:
 # -- schemas -----------------------------------------------------------------------------------
 def _crd_dir() -> Path:
     if not (CRD_DIR / "ray.io_rayservices.yaml").is_file():
-        message = f"no CRDs in {CRD_DIR} (set SERVE_APP_CRD_DIR; README 'Deploy to Kubernetes')"
+        message = f"no CRDs in {CRD_DIR} (set SERVE_APP_CRD_DIR; docs/kubernetes.md)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
@@ -308,7 +308,7 @@ def test_serve_config_v2_validates_with_ray_serve_and_imports():
         assert callable(getattr(importlib.import_module(module), attribute)), app.import_path
 
 
-# -- what README "Deploy to Kubernetes" promises -----------------------------------------------------
+# -- what docs/kubernetes.md promises ------------------------------------------------------------------
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_ray_cluster_shape(variant):
     spec = rayservice(variant)["spec"]
@@ -438,24 +438,21 @@ def test_s3_component_points_every_ray_container_at_the_bucket():
                    for o in rendered("prod+ingress+s3-models"))
 
 
-# -- README "Deploy to Kubernetes" names what the manifests have ---------------------------------
-def _readme_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index("## Deploy to Kubernetes")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None]
+# -- docs/kubernetes.md names what the manifests have -------------------------------------------
+def _kubernetes_page() -> str:
+    return (ROOT / "docs" / "kubernetes.md").read_text()
 
 
-def test_readme_paths_exist():
-    paths = set(re.findall(r"(?<![\w/.])((?:cluster|\.\./\.\.)/[\w./-]*[\w-])", _readme_section()))
+def test_kubernetes_page_paths_exist():
+    paths = set(re.findall(r"(?<![\w/.])((?:cluster|\.\./\.\.)/[\w./-]*[\w-])", _kubernetes_page()))
     assert paths
     missing = [p for p in paths if not (CLUSTER / p.removeprefix("../../")).exists()
                and not (ROOT / p).exists()]
     assert not missing
 
 
-def test_readme_secrets_and_services_are_the_manifests_ones():
-    section = _readme_section()
+def test_kubernetes_page_secrets_and_services_are_the_manifests_ones():
+    section = _kubernetes_page()
     objects = [*rendered("prod"), *rendered("prod+ingress+s3-models")]
     text = yaml.safe_dump_all(objects)
     created = dict(re.findall(r"create secret generic ([\w-]+) \\\s*\n\s*--from-literal=(\w+)=", section))

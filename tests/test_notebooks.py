@@ -38,7 +38,7 @@ def test_notebooks_exist():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_notebook_is_stored_without_outputs(path):
-    """Outputs stay out of git so diffs show code; clear them before committing (README "Notebooks")."""
+    """Outputs stay out of git so diffs show code; clear them before committing (docs/notebooks.md)."""
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     for cell in nb.cells:

@@ -318,7 +318,7 @@ def _node_processes(node: LocalNode) -> list:
 def test_losing_a_worker_node_under_load_reschedules_its_replicas(prod_like):
     """Kill every process of one worker node (raylet, agents, replicas, HAProxy) while clients
     send requests through the head's ingress: the replicas come back on the surviving worker and
-    serving goes on. Errors and recovery time are printed (README "Reliability and security")."""
+    serving goes on. Errors and recovery time are printed (docs/reliability-security.md)."""
     import psutil
 
     workers = prod_like.nodes[1:]

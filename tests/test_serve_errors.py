@@ -1,4 +1,4 @@
-"""Every bad-input row of the README table, against the live server: a 4xx with a JSON
+"""Every bad-input row of the table in docs/protocols.md, against the live server: a 4xx with a JSON
 ``{"error": ...}`` naming the problem, and the server keeps answering correctly after it."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def npy(rows) -> bytes:
     return buffer.getvalue()
 
 
-# (README row, method, path, raw body or JSON, headers, status, fragment of the error)
+# (table row, method, path, raw body or JSON, headers, status, fragment of the error)
 CASES = [
     ("malformed JSON", "POST", "/v1/models/iris:predict", b'{"instances": [[1, 2,', JSON, 400, "malformed JSON"),
     ("NaN literal (not JSON)", "POST", "/v1/models/iris:predict", b'{"instances": [[NaN, 1, 2, 3]]}', JSON, 400, "malformed JSON"),
@@ -69,7 +69,7 @@ CASES = [
      b'{"instances": [[1.7976931348623157e308, 3.5, 1.4, 0.2]]}', JSON, 400, "too large for this model"),
     ("finite value overflowing inside a dedicated model", "POST", "/v1/models/diabetes:predict",
      b'{"instances": [[1.7976931348623157e308, 0, 0, 0, 0, 0, 0, 0, 0, 0]]}', JSON, 400, "too large for this model"),
-    # Binary bodies (README "Binary payloads"): .npy and the V2 binary tensor extension.
+    # Binary bodies (docs/protocols.md): .npy and the V2 binary tensor extension.
     ("binary: body not .npy", "POST", "/v2/models/iris/infer", b"garbage", NPY, 400, "not a readable .npy"),
     ("binary: .npy of strings", "POST", "/v2/models/iris/infer", npy([["a", "b", "c", "d"]]), NPY, 400, "not numeric"),
     ("binary: .npy wrong feature count", "POST", "/v2/models/iris/infer", npy([[1.0, 2.0, 3.0]]), NPY, 400,

@@ -1,0 +1,1 @@
+"""HTTP: the ingress routes, the request lifecycle, bodies, responses and auth."""

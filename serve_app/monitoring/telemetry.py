@@ -37,7 +37,7 @@ LATENCY_BUCKETS_MS = [0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 25, 50, 75, 100, 150, 
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 # Regression outputs: 1-2-5 steps from 0.001 to 500,000. Ray only accepts positive bucket
 # boundaries, so values at or below 0.001 (negative ones included) share the first bucket.
-# Ray observes one value per call (~2 us): a model call adds at most this many predictions,
+# Ray observes one value per Python call: a model call adds at most this many predictions,
 # evenly spaced, so a 1000-row request does not pay milliseconds for its histogram.
 PREDICTION_SAMPLE = 64
 PREDICTION_BUCKETS = [m * 10.0 ** e for e in range(-3, 6) for m in (1, 2, 5)]

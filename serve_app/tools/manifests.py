@@ -19,7 +19,7 @@ import yaml
 
 from serve_app.tools import alert_rules
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: serve_app/tools/ -> repository root
 SERVE_CONFIG = Path("configs/serve_config.yaml")
 GENERATED_DIR = Path("cluster/base/generated")
 IMAGE_NAME = "ghcr.io/serve-app/serve-app"
