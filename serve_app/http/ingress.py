@@ -7,8 +7,9 @@ replica unless declared ``dedicated`` (a deployment of their own) or served from
 multiplexed long tail; the registry hides which.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request,
+# path parameters) as objects, and serve.ingress copies the class before string annotations
+# could be resolved, so `request: Request` would become a query parameter.
 import logging
 from typing import Callable
 
