@@ -62,10 +62,10 @@ def run(coroutine):
 def test_declared_models_are_open_from_the_start(store):
     registry = registry_for(store, [{"name": "iris", "timeout_s": 7}, {"name": "diabetes"}])
     assert registry.hosted() == ["iris", "diabetes"]
-    assert registry.known("iris").meta.version == "2"  # "latest"
+    assert registry.known("iris").default.meta.version == "2"  # "latest"
     assert registry.timeout_for("iris") == 7 and registry.timeout_for("nope") is None
-    served, worker = run(registry.for_inference("iris", None, None))
-    assert served is registry.known("iris") and worker.meta.version == "2"
+    worker = run(registry.for_inference("iris", None, None))
+    assert worker is registry.known("iris").default and worker.meta.version == "2"
     with pytest.raises(ModelNotFoundError, match="not served"):
         run(registry.for_inference("tulip", None, None))
     assert registry.known("tulip") is None
@@ -73,13 +73,13 @@ def test_declared_models_are_open_from_the_start(store):
 
 def test_inference_follows_the_split_and_metadata_the_default(store):
     registry = registry_for(store, [{"name": "iris", "version": "1", "traffic": {"1": 50, "2": 50}}])
-    picked = {run(registry.for_inference("iris", None, f"id-{i}"))[1].meta.version for i in range(60)}
+    picked = {run(registry.for_inference("iris", None, f"id-{i}")).meta.version for i in range(60)}
     assert picked == {"1", "2"}
-    sticky = {run(registry.for_inference("iris", None, "one-id"))[1].meta.version for _ in range(20)}
+    sticky = {run(registry.for_inference("iris", None, "one-id")).meta.version for _ in range(20)}
     assert len(sticky) == 1
     assert {run(registry.for_metadata("iris", None)).meta.version for _ in range(20)} == {"1"}
     assert run(registry.for_metadata("iris", "2")).meta.version == "2"
-    assert run(registry.for_inference("iris", "2", "one-id"))[1].meta.version == "2"
+    assert run(registry.for_inference("iris", "2", "one-id")).meta.version == "2"
     with pytest.raises(ModelNotFoundError, match="no version '3'"):
         run(registry.for_metadata("iris", "3"))
 
@@ -88,12 +88,13 @@ def test_the_long_tail_opens_on_first_use_and_stays_open(store):
     registry = registry_for(store, [{"name": "iris"}], {"models": ["*"]})
     placement = registry._placement
     assert registry.known("tail-a") is None
-    served, worker = run(registry.for_inference("tail-a", None, None))
+    worker = run(registry.for_inference("tail-a", None, None))
+    served = registry.known("tail-a")
     assert served.serving == "multiplexed" and worker.meta.version == "2"
-    assert run(registry.for_inference("tail-a", None, None))[0] is served
+    assert run(registry.for_inference("tail-a", None, None)) is worker and registry.known("tail-a") is served
     assert placement.opened.count("tail-a:2") == 1
     # another stored version opens beside it
-    assert run(registry.for_inference("tail-a", "1", None))[1].meta.version == "1"
+    assert run(registry.for_inference("tail-a", "1", None)).meta.version == "1"
     assert registry.hosted() == ["iris", "tail-a"]
     with pytest.raises(ModelNotFoundError, match="no version '9' in the store"):
         run(registry.for_inference("tail-a", "9", None))
@@ -110,7 +111,7 @@ def test_a_name_missing_from_the_store_is_not_looked_up_again_at_once(store, tmp
         run(registry.served("late"))
     monkeypatch.setattr(registry_module, "ABSENT_FOR_S", 0.0)
     registry._absent.clear()
-    assert run(registry.served("late")).meta.name == "late"
+    assert run(registry.served("late")).default.meta.name == "late"
 
 
 def test_the_tail_keeps_a_bounded_number_of_entries(store, monkeypatch):
@@ -137,15 +138,42 @@ def test_reload_resolves_latest_again_and_swaps_the_workers(tmp_path):
 
     async def reload_and_predict():
         await registry.reload("iris")
-        served, worker = await registry.for_inference("iris", None, None)
-        rows = ModelInput(tuple(worker.meta.feature_names), np.array([[5.1, 3.5, 1.4, 0.2]]))
-        answer = await served.infer(worker, rows, ("predict",), mirror=True)
+        worker = await registry.for_inference("iris", None, None)
+        answer = await worker.infer(iris_row(worker), ("predict",))
         await asyncio.sleep(1.3)  # the replaced workers close after the model's timeout
         return answer
 
     answer = run(reload_and_predict())
     assert registry.known("iris") is not before and answer.version == "2"
     assert before.default._closed and not registry.known("iris").default._closed
+
+
+def iris_row(worker: Worker) -> ModelInput:
+    return ModelInput(tuple(worker.meta.feature_names), np.array([[5.1, 3.5, 1.4, 0.2]]))
+
+
+def test_unversioned_requests_are_mirrored_to_the_shadow_and_versioned_ones_not(store):
+    registry = registry_for(store, [{"name": "iris", "version": "1", "shadow": "2"}])
+    shadow = registry.known("iris").shadow
+    calls = []
+    predict = shadow.runtime.predict
+    shadow.runtime.predict = lambda X: calls.append(len(X)) or predict(X)
+
+    async def requests():
+        unversioned = await registry.for_inference("iris", None, "any-id")
+        served = await unversioned.infer(iris_row(unversioned), ("predict",))
+        await asyncio.sleep(0.2)  # the mirror runs after the answer
+        after_unversioned = len(calls)
+        versioned = await registry.for_inference("iris", "1", None)
+        await versioned.infer(iris_row(versioned), ("predict",))
+        await unversioned.infer(iris_row(unversioned), ("contributions", "bias"))  # explanations: not mirrored
+        await asyncio.sleep(0.2)
+        return served, unversioned, after_unversioned
+
+    served, unversioned, after_unversioned = run(requests())
+    assert served.version == "1" and unversioned.meta.version == "1" and unversioned is not registry.known("iris").default
+    assert after_unversioned == 1 and len(calls) == 1
+    assert registry.workers() == [registry.known("iris").default, shadow]  # health checks see each model once
 
 
 def test_reloading_a_tail_model_forgets_it(store):

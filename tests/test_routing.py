@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from serve_app.config import AppConfig, ModelSpec, MultiplexSpec
 from serve_app.serving.routing import BUCKETS, TrafficSplit, bucket_of
-from serve_app.serving.served import same_answer
+from serve_app.serving.shadow import same_answer
 
 
 @pytest.mark.parametrize("weights", [{"1": 90, "2": 10}, {"1": 50, "2": 50}, {"a": 70, "b": 20, "c": 10},

@@ -99,10 +99,10 @@ class ModelServer:
         return scope.response
 
     async def _v1_request(self, request: Request, name: str, version: str | None):
-        """The model, the worker that answers and the decoded V1 body."""
-        served, worker = await self.registry.for_inference(name, version, request.headers.get("x-request-id"))
+        """The worker that answers and the decoded V1 body."""
+        worker = await self.registry.for_inference(name, version, request.headers.get("x-request-id"))
         body = await bodies.json_body(request, self._limit)
-        return served, worker, v1.decode_request(body, worker.meta, worker.accepts_missing)
+        return worker, v1.decode_request(body, worker.meta, worker.accepts_missing)
 
     # -- KServe V1 ---------------------------------------------------------------------------
     @api.get("/v1/models", tags=["V1"])
@@ -121,8 +121,8 @@ class ModelServer:
     @api.post("/v1/models/{name}/versions/{version}:predict", tags=["V1"], openapi_extra=V1_REQUEST)
     async def v1_predict(self, name: str, request: Request, version: str | None = None) -> Response:
         async with self._scope(request, "v1", name) as scope:
-            served, worker, decoded = await self._v1_request(request, name, version)
-            answer = await served.infer(worker, decoded.inputs, decoded.outputs, mirror=version is None)
+            worker, decoded = await self._v1_request(request, name, version)
+            answer = await worker.infer(decoded.inputs, decoded.outputs)
             scope.reply(v1.encode_response(answer, decoded), answer.version)
         return scope.response
 
@@ -131,7 +131,7 @@ class ModelServer:
     async def v1_explain(self, name: str, request: Request, version: str | None = None) -> Response:
         """Per-feature contributions to the model's margin, per row (docs/protocols.md)."""
         async with self._scope(request, "v1", name) as scope:
-            _, worker, decoded = await self._v1_request(request, name, version)
+            worker, decoded = await self._v1_request(request, name, version)
             answer = await worker.infer(decoded.inputs, EXPLANATION_OUTPUTS)
             scope.reply(v1.encode_explanation(answer, decoded), answer.version)
         return scope.response
@@ -165,10 +165,10 @@ class ModelServer:
     @api.post("/v2/models/{name}/versions/{version}/infer", tags=["V2"], openapi_extra=V2_REQUEST)
     async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
         async with self._scope(request, "v2", name) as scope:
-            served, worker = await self.registry.for_inference(name, version, request.headers.get("x-request-id"))
+            worker = await self.registry.for_inference(name, version, request.headers.get("x-request-id"))
             body, binary_outputs = await bodies.v2_body(request, self._limit)
             decoded = v2.decode_request(body, worker.meta, worker.accepts_missing)
-            answer = await served.infer(worker, decoded.inputs, decoded.outputs, mirror=version is None)
+            answer = await worker.infer(decoded.inputs, decoded.outputs)
             scope.reply(v2_response(v2.encode_response(name, answer, decoded), binary_outputs), answer.version)
         return scope.response
 

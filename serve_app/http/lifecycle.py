@@ -96,7 +96,7 @@ class RequestLifecycle:
         if served is None:
             model, version = telemetry.UNKNOWN_MODEL, ""
         else:
-            model, version = name, version or served.meta.version
+            model, version = name, version or served.default.meta.version
             if response.status_code < 400:
                 response.headers["X-Model-Version"] = version  # which version answered (canary, shadow)
         elapsed = time.perf_counter() - started

@@ -57,7 +57,7 @@ class ModelRegistry:
     def timeout_for(self, name: str) -> float | None:
         known = self.known(name)
         if known is not None:
-            return known.spec.timeout_s
+            return known.default.spec.timeout_s
         return self.config.multiplexed.timeout_s if self.config.multiplexed else None
 
     async def served(self, name: str) -> ServedModel:
@@ -91,11 +91,11 @@ class ModelRegistry:
             raise ModelNotFoundError(f"model {name!r} has no version {version!r} in the store") from None
         return self._placement.tail(meta)
 
-    async def for_inference(self, name: str, version: str | None, key: str | None) -> tuple[ServedModel, Worker]:
-        """The model and the worker that answers: ``version`` when the request names one,
-        else the canary split's choice for ``key`` (the request id: sticky per id)."""
-        served = await self.served(name)
-        return served, await served.pick(version, key)
+    async def for_inference(self, name: str, version: str | None, key: str | None) -> Worker:
+        """The worker that answers: ``version`` when the request names one, else the canary
+        split's choice for ``key`` (the request id: sticky per id), shadowed if the model has
+        a shadow version."""
+        return await (await self.served(name)).pick(version, key)
 
     async def for_metadata(self, name: str, version: str | None) -> Worker:
         """The worker whose metadata describes the model: ``version``, else the default

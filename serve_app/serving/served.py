@@ -6,25 +6,13 @@ A :class:`ServedModel` does not care where a version runs: each version is a
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from typing import Awaitable, Callable, Mapping
-
-import numpy as np
 
 from serve_app.config import ModelSpec
 from serve_app.errors import ModelNotFoundError
-from serve_app.metadata import ModelMetadata
-from serve_app.monitoring import telemetry
-from serve_app.serving.interface import Answer, ModelInput, Worker, distinct
+from serve_app.serving.interface import Worker, distinct
 from serve_app.serving.routing import TrafficSplit
-
-logger = logging.getLogger("ray.serve")
-
-# Shadows never queue without bound behind a slow shadow version: beyond this many in flight
-# per model a mirrored request is dropped (and counted as dropped).
-MAX_SHADOWS_IN_FLIGHT = 64
+from serve_app.serving.shadow import Shadow, ShadowedWorker
 
 
 class ServedModel:
@@ -51,16 +39,13 @@ class ServedModel:
         self.weights = weights
         self.split = TrafficSplit(weights) if weights else None
         self.shadow = workers[shadow] if shadow else None
+        # What answers an unversioned request: the default or the split's version, mirrored to
+        # the shadow if there is one (requests naming a version are not mirrored).
+        mirror = Shadow(name, self.shadow) if self.shadow else None
+        unversioned = (lambda w: ShadowedWorker(w, mirror)) if mirror else (lambda w: w)
+        self._unversioned_default = unversioned(self.default)
+        self._unversioned = {version: unversioned(self.by_version[version]) for version in weights}
         self._open_version = open_version
-        self._shadows_in_flight = 0
-
-    @property
-    def meta(self) -> ModelMetadata:
-        return self.default.meta
-
-    @property
-    def spec(self) -> ModelSpec:
-        return self.default.spec
 
     @classmethod
     def declared(cls, spec: ModelSpec, workers: Mapping[str, Worker], serving: str) -> "ServedModel":
@@ -68,9 +53,10 @@ class ServedModel:
         return cls(spec.name, workers, spec.version, spec.traffic, spec.shadow, serving)
 
     async def pick(self, version: str | None, key: str | None) -> Worker:
-        """The worker for an explicit ``version``, else the split's choice for ``key``."""
+        """The worker for an explicit ``version``, else the split's choice for ``key`` (an
+        unversioned request: the shadow, if any, gets a copy of it)."""
         if version is None:
-            return self.by_version[self.split.choose(key)] if self.split else self.default
+            return self._unversioned[self.split.choose(key)] if self.split else self._unversioned_default
         worker = self.by_version.get(version)
         if worker is None and self._open_version is not None:
             worker = self.by_version[version] = await self._open_version(version)
@@ -78,38 +64,6 @@ class ServedModel:
             raise ModelNotFoundError(
                 f"model {self.name!r} has no version {version!r} loaded; loaded: {sorted(self.by_version)}")
         return worker
-
-    async def infer(self, worker: Worker, inputs: ModelInput, outputs: tuple[str, ...], mirror: bool) -> Answer:
-        """``worker``'s answer; with ``mirror`` (an unversioned request) the shadow version
-        gets the same request afterwards."""
-        answer = await worker.infer(inputs, outputs)
-        if mirror and self.shadow is not None:
-            self._mirror(inputs, outputs, answer)
-        return answer
-
-    def _mirror(self, inputs: ModelInput, outputs: tuple[str, ...], served: Answer) -> None:
-        """Send a served request to the shadow version too, without waiting for it."""
-        version = self.shadow.meta.version
-        if self._shadows_in_flight >= MAX_SHADOWS_IN_FLIGHT:
-            telemetry.shadow_done(self.name, version, "dropped", None)
-            return
-        self._shadows_in_flight += 1
-        asyncio.get_running_loop().create_task(self._shadow(inputs, outputs, served, version))
-
-    async def _shadow(self, inputs: ModelInput, outputs: tuple[str, ...], served: Answer, version: str) -> None:
-        started = time.perf_counter()
-        try:
-            try:
-                async with asyncio.timeout(self.shadow.spec.timeout_s):
-                    answer = await self.shadow.infer(inputs, outputs)
-            except Exception as exc:  # a broken shadow never touches the served answer
-                logger.warning("shadow version %s of model %r failed: %r", version, self.name, exc)
-                telemetry.shadow_done(self.name, version, "error", time.perf_counter() - started)
-                return
-            outcome = "match" if same_answer(served.outputs, answer.outputs, outputs) else "mismatch"
-            telemetry.shadow_done(self.name, version, outcome, time.perf_counter() - started)
-        finally:
-            self._shadows_in_flight -= 1
 
     def describe(self) -> list[dict]:
         """One entry per live version (the model index)."""
@@ -128,17 +82,3 @@ class ServedModel:
     def close(self) -> None:
         for worker in distinct(self.by_version.values()):
             worker.close()
-
-
-def same_answer(served: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray], outputs: tuple[str, ...]) -> bool:
-    """Whether two answers agree on every asked output (floats within 1e-6 relative)."""
-    for output in outputs:
-        a, b = np.asarray(served[output]), np.asarray(shadow[output])
-        if a.shape != b.shape:
-            return False
-        if a.dtype.kind in "fc" or b.dtype.kind in "fc":
-            if not np.allclose(a, b, rtol=1e-6, atol=1e-9, equal_nan=True):
-                return False
-        elif not np.array_equal(a, b):
-            return False
-    return True
