@@ -19,14 +19,14 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 PROMETHEUS_PORT ?= 9090
 export RAY_PROMETHEUS_HOST ?= http://127.0.0.1:$(PROMETHEUS_PORT)
 
-.PHONY: venv system-tools monitor soak serve stop train test test-unit test-serve bench clean help lock image manifests
+.PHONY: venv system-tools bench-peers monitor soak serve stop train test test-unit test-serve bench clean help lock image manifests
 
 help:
 	@echo "make serve   - serve the demo models on http://127.0.0.1:8000 (trains them if missing)"
 	@echo "make test    - run the whole test suite"
 	@echo "make train   - (re)train the demo models into $(STORE)"
 	@echo "make stop    - stop a local Ray/Serve (and HAProxy) left running"
-	@echo "make bench   - benchmark against FastAPI, MLServer and naive Ray Serve (~20 min)"
+	@echo "make bench   - benchmark against a minimal Serve app, FastAPI and MLServer, 3 rounds (~50 min)"
 	@echo "make monitor - Prometheus on http://127.0.0.1:$(PROMETHEUS_PORT) scraping a running make serve"
 	@echo "make jupyter - JupyterLab on notebooks/ (docs/notebooks.md)"
 
@@ -52,6 +52,11 @@ system-tools:
 	  else echo "missing tools (tests that need them will skip): $$missing"; fi; \
 	fi
 
+# MLServer, a peer the benchmark (and its smoke test) compares against, in a virtualenv of its
+# own: it is never a dependency of the package.
+MLSERVER_VENV := bench/.mlserver-venv
+bench-peers: $(MLSERVER_VENV)/.installed
+
 train: $(STAMP)
 	$(BIN)/python -m serve_app.tools.train --store $(STORE)
 
@@ -73,7 +78,7 @@ stop:
 	-$(BIN)/ray stop --force
 	-pkill -f '$(HAPROXY_BIN)' 2>/dev/null
 
-test: $(STAMP) system-tools
+test: $(STAMP) system-tools bench-peers
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)
@@ -97,11 +102,9 @@ SOAK_SECONDS ?= 600
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py --start --duration $(SOAK_SECONDS)
 
-# Our server against hand-rolled FastAPI, MLServer and a tutorial-style Ray Serve app, plus
-# the levers (docs/performance.md); ~20 min, results in bench/results/bench.{json,md,png}.
-# MLServer gets a virtualenv of its own (never a dependency of the package).
-# BENCH_ARGS narrows a run, e.g. BENCH_ARGS="--servers ours,fastapi --duration 5 --levers none".
-MLSERVER_VENV := bench/.mlserver-venv
+# Our server against the minimal Serve app, careful FastAPI and MLServer with equal workers, in
+# alternating rounds, plus the levers (docs/performance.md); ~50 min, results in
+# bench/results/bench.{json,md,png}. BENCH_ARGS narrows a run, e.g. BENCH_ARGS=--quick.
 BENCH_ARGS ?=
 $(MLSERVER_VENV)/.installed: bench/mlserver-requirements.txt
 	test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV) || python3 -m venv $(MLSERVER_VENV)

@@ -34,7 +34,7 @@ def _kind(pid: str) -> str | None:
     return os.path.basename(first.split()[0])
 
 
-def _ticks() -> dict[str, tuple[str, int]]:
+def ticks() -> dict[str, tuple[str, int]]:
     """pid -> (kind, user + system clock ticks so far)."""
     found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -48,17 +48,22 @@ def _ticks() -> dict[str, tuple[str, int]]:
     return found
 
 
+def cpu_seconds(before: dict[str, tuple[str, int]], after: dict[str, tuple[str, int]]) -> dict[str, float]:
+    """CPU seconds used per process kind between two ``ticks()`` readings."""
+    hz, used_by = os.sysconf("SC_CLK_TCK"), Counter()
+    for pid, (kind, count) in after.items():
+        used = count - before.get(pid, (kind, 0))[1]
+        if used > 0:
+            used_by[kind] += used / hz
+    return dict(used_by.most_common())
+
+
 def cpu_share(seconds: float) -> dict[str, float]:
     """Cores used per process kind over ``seconds`` (1.0 = one core busy all the time)."""
-    before, started = _ticks(), time.monotonic()
+    before, started = ticks(), time.monotonic()
     time.sleep(seconds)
-    after, elapsed = _ticks(), time.monotonic() - started
-    hz, shares = os.sysconf("SC_CLK_TCK"), Counter()
-    for pid, (kind, ticks) in after.items():
-        used = ticks - before.get(pid, (kind, 0))[1]
-        if used > 0:
-            shares[kind] += used / hz / elapsed
-    return dict(shares.most_common())
+    after, elapsed = ticks(), time.monotonic() - started
+    return {kind: used / elapsed for kind, used in cpu_seconds(before, after).items()}
 
 
 def main(argv: list[str] | None = None) -> None:

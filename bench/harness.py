@@ -1,14 +1,20 @@
-"""The model-server benchmark: our server against a hand-rolled FastAPI app, MLServer and a
-tutorial-style Ray Serve app, on the same models, in one run on this machine.
+"""The model-server benchmark: our server against fair peers on the same models, in alternating
+rounds on this machine (docs/performance.md).
 
-    make bench                                  # everything (~20 min); or, e.g.:
-    .venv/bin/python -m bench.harness --servers ours,fastapi --workloads xgb-1 --duration 3 --levers none
+    make bench                        # everything (~50 min)
+    .venv/bin/python -m bench.harness --quick          # a few minutes: one-row cells, no levers
+    .venv/bin/python -m bench.harness --servers ours,fastapi --workloads xgb-1 --rounds 3 --levers none
 
-Per server, per workload (bench/workloads.py), per concurrency: a warm-up wrk run, then a
-measured one (bench/loadgen.py). The in-process predict rate of each workload is the limit
-(bench/inprocess.py). Then the levers: our server again with one change each (ingress,
-access log, batching, handle hop, replicas) on single-row XGBoost. Results: bench.json,
-bench.md (table, ratios against FastAPI, goals) and bench.png in ``--out``.
+The peers (``SERVERS``): the minimal Ray Serve app (the floor Serve itself sets), the careful
+FastAPI app with as many uvicorn workers as our config runs ingress replicas and with one,
+and MLServer with as many parallel workers. Each round starts every server in turn (ours
+first in odd rounds, last in even ones), measures all its cells and stops it: per workload
+(bench/workloads.py) and concurrency, a warm-up wrk run, then a measured one
+(bench/loadgen.py), with the CPU every process used (bench/cpushare.py) and the server's
+memory. The report gives each cell's median over the rounds with its min-max, and computes
+the goals from the medians. The in-process predict rate of each workload is the limit
+(bench/inprocess.py). Then the levers: our server again with one change each, once, against
+the shipped median. Results: bench.json, bench.md and bench.png in ``--out``.
 
 Servers run one at a time, each on free ports; each Ray gets its own temp dir and is stopped
 through it, so nothing else on the machine is touched.
@@ -20,26 +26,31 @@ import argparse
 import copy
 import os
 import shutil
+import statistics
 import sys
+import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
 import yaml
 
-from bench import inprocess, launch, loadgen, report
+from bench import cpushare, inprocess, launch, loadgen, report
 from bench.model_export import export_model
-from bench.workloads import WORKLOADS, Request, Workload, features, instances, npy, v2_binary, v2_json
+from bench.workloads import WORKLOADS, Request, Workload, features, npy, v2_binary, v2_json
 from serve_app.store import ModelStore
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "serve_config.yaml"
-SERVERS = ("fastapi", "mlserver", "ours", "ray-naive")
+SERVERS = ("ours", "serve-minimal", "fastapi", "fastapi-1", "mlserver")
+RAY_SERVERS = ("ours", "serve-minimal")
 MLSERVER_VENV = ROOT / "bench" / ".mlserver-venv"
+QUICK = {"workloads": ["xgb-1", "sklearn-1"], "concurrency": [1, 16], "levers": [], "duration": 4.0,
+         "warmup": 1.0, "limit_seconds": 0.5, "rounds": 3}
 
 
 # -- the request each server's protocol makes of a workload (None: the server has no such format)
@@ -49,12 +60,10 @@ def request_for(server: str, workload: Workload, binary_format: str = "v2") -> R
         if not workload.binary:
             return v2_json(workload.model, X)
         return v2_binary(workload.model, X) if binary_format == "v2" else npy(f"/v2/models/{workload.model}/infer", X)
-    if server == "fastapi":
-        return npy(f"/predict_npy/{workload.model}", X) if workload.binary else instances(f"/predict/{workload.model}", X)
+    if server in ("serve-minimal", "fastapi", "fastapi-1"):  # bench/servers/careful_fastapi.py
+        return npy(f"/predict_npy/{workload.model}", X) if workload.binary else v2_json(workload.model, X)
     if server == "mlserver":
         return None if workload.binary else v2_json(workload.model, X)  # MLServer's REST takes JSON only
-    if server == "ray-naive":
-        return None if workload.binary else instances(f"/{workload.model}", X)
     raise ValueError(server)
 
 
@@ -73,6 +82,25 @@ def _models(config: dict) -> list[dict]:
 
 def _ingress(config: dict) -> dict:
     return next(d for d in config["applications"][0]["deployments"] if d["name"] == "ModelServer")
+
+
+def ingress_replicas(config: dict) -> int:
+    """The replicas our ingress runs with no load: the process count every peer gets."""
+    ingress = _ingress(config)
+    return ingress.get("autoscaling_config", {}).get("min_replicas") or ingress.get("num_replicas", 1)
+
+
+def minimal_serve_config(model_dir: Path, replicas: int, max_ongoing_requests: int) -> dict:
+    """The minimal Serve reference: the careful FastAPI app as one deployment's ingress,
+    ``replicas`` of it, Serve's access log off and user code on the replica's event loop
+    (as in our shipped config), the same limit of requests per replica as ours."""
+    return {"logging_config": {"encoding": "JSON", "enable_access_log": False},
+            "applications": [{
+                "name": "minimal", "route_prefix": "/", "import_path": "bench.servers.careful_fastapi:deployment",
+                "args": {"model_dir": str(model_dir)},
+                "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
+                "deployments": [{"name": "MinimalServe", "num_replicas": replicas,
+                                 "max_ongoing_requests": max_ongoing_requests}]}]}
 
 
 def serve_access_log(config: dict) -> None:
@@ -120,6 +148,11 @@ def every(*changes: Callable[[dict], None]) -> Callable[[dict], None]:
     return change
 
 
+def fastapi_routing(config: dict) -> None:
+    """Every route through FastAPI's routing, the inference routes too (shipped: the fast path)."""
+    config["applications"][0]["args"]["fast_path"] = False
+
+
 def dedicated(config: dict) -> None:
     """breast-cancer in a deployment of its own: one DeploymentHandle hop per request. Its one
     replica asks for a quarter CPU, like the shipped dedicated model: at Serve's default of one
@@ -143,6 +176,8 @@ class Lever:
 
 LEVERS = {lever.key: lever for lever in (
     Lever("default-proxy", "Ray's default proxy instead of HAProxy + direct ingress", ha_proxy=False),
+    Lever("fastapi-routing", "inference routes through FastAPI (args.fast_path false)", fastapi_routing,
+          concurrency=(1, 16, 64)),
     Lever("serve-access-log", "Ray Serve's access log on (a JSON line per request)", serve_access_log),
     Lever("log-every-request", "the app's access line for every request (access_log.sample_rate 1)",
           log_every_request),
@@ -161,7 +196,59 @@ LEVERS = {lever.key: lever for lever in (
 )}
 
 
+# -- the servers: each yields an Endpoint while it runs ------------------------------------------
+@dataclass
+class Endpoint:
+    url: str
+    session: int  # launch.session_memory counts its processes
+    workers: Callable[[], int]  # processes serving requests now (replicas, uvicorn/MLServer workers)
+
+
+class Servers:
+    """How to start each server of ``SERVERS`` for one round (Ray servers share one cluster)."""
+
+    def __init__(self, run: "Run", store: Path, model_dir: Path):
+        self.run, self.store, self.model_dir = run, store, model_dir
+        self.replicas = ingress_replicas(our_config(store))
+
+    @contextmanager
+    def start(self, server: str, cluster: launch.RayCluster | None) -> Iterator[Endpoint]:
+        log = self.run.logs / f"{server}-round{self.run.round}.log"
+        if server == "ours":
+            with launch.serve_run(cluster, our_config(self.store), log) as url:
+                yield Endpoint(url, cluster.session, lambda: launch.running_replicas(cluster, "models", "ModelServer"))
+        elif server == "serve-minimal":
+            config = minimal_serve_config(self.model_dir, self.replicas, _ingress(our_config(self.store))
+                                          .get("max_ongoing_requests", 5))
+            with launch.serve_run(cluster, config, log) as url:
+                yield Endpoint(url, cluster.session, lambda: launch.running_replicas(cluster, "minimal", "MinimalServe"))
+        elif server in ("fastapi", "fastapi-1"):
+            workers = 1 if server == "fastapi-1" else self.replicas
+            with launch.fastapi_server(self.model_dir, log, workers) as proc:
+                yield Endpoint(proc.url, proc.session, lambda: workers)
+        elif server == "mlserver":
+            with launch.mlserver(self.run.args.mlserver_venv, self.model_dir, log, self.replicas) as proc:
+                yield Endpoint(proc.url, proc.session, lambda: self.replicas)
+        else:
+            raise ValueError(server)
+
+
 # -- running cells ------------------------------------------------------------------------------
+def _sample_memory(session: int, after_s: float, into: dict) -> threading.Thread:
+    def sample() -> None:
+        time.sleep(after_s)
+        into.update(launch.session_memory(session))
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    return thread
+
+
+def cpu_per_request(used: dict[str, float], requests: int) -> dict[str, float]:
+    """Microseconds of CPU per answered request, per process kind (largest first)."""
+    return {kind: round(seconds / requests * 1e6, 1) for kind, seconds in used.items()
+            if requests and seconds / requests * 1e6 >= 1}
+
+
 class Run:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -171,111 +258,200 @@ class Run:
         for folder in (self.scripts, self.logs):
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-        self.cells: list[dict] = []
+        self.round = 0
+        self.samples: list[dict] = []  # one per server, workload, concurrency and round
+        self.memory: list[dict] = []  # idle memory of each server, per round
         self.levers: list[dict] = []
         self.failures: list[dict] = []
         self.ray_temp_dirs: list[str] = []  # recorded so a test can check nothing of them survives
 
-    def measure(self, server: str, url: str, workload: Workload, concurrency: int, request: Request,
+    def measure(self, server: str, endpoint: Endpoint, workload: Workload, concurrency: int, request: Request,
                 label: str, slug: str) -> dict:
         """One cell; ``label`` names it in the progress lines, ``slug`` in file names."""
+        url = endpoint.url
         check = httpx.post(url + request.path, content=request.body, headers=request.headers, timeout=60)
         if check.status_code != 200:  # a wrong request would measure error pages
             raise RuntimeError(f"{label} {workload.key}: {check.status_code} {check.text[:500]}")
         script = loadgen.write_script(request, self.scripts, f"{slug}-{workload.key}")
-        result = loadgen.measure(url + request.path, script, concurrency, self.args.duration, self.args.warmup)
+        if self.args.warmup > 0:
+            loadgen.wrk(url + request.path, script, concurrency, self.args.warmup)
+        session = set(p.pid for p in launch.session_processes(endpoint.session))
+        memory: dict = {}
+        sampler = _sample_memory(endpoint.session, self.args.duration / 2, memory)
+        before = cpushare.ticks()
+        result = loadgen.wrk(url + request.path, script, concurrency, self.args.duration)
+        after = cpushare.ticks()
+        sampler.join()
+        session |= set(p.pid for p in launch.session_processes(endpoint.session))
+        # CPU by process kind: the server's own processes by name, the load generator, the rest
+        used = cpushare.cpu_seconds(before, {
+            pid: (kind if int(pid) in session else "wrk" if kind == "wrk" else "rest of the machine", n)
+            for pid, (kind, n) in after.items()})
+        requests = result["requests"] - result["non_2xx"]
         cell = {"server": server, "workload": workload.key, "rows": workload.rows, "concurrency": concurrency,
-                "bytes_per_request": len(request.body), **result, "rows_per_s": result["rps"] * workload.rows,
+                "round": self.round, "bytes_per_request": len(request.body), **result,
+                "rows_per_s": result["rps"] * workload.rows, "workers": endpoint.workers(),
+                "memory_under_load": memory, "cpu_us_per_request": cpu_per_request(used, requests),
                 "load_avg_1m": round(os.getloadavg()[0], 2)}
         print(f"  {label:<40} {workload.key:<16} c={concurrency:<3} {result['rps']:>8.0f} req/s "
-              f"p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms  errors "
-              f"{result['non_2xx'] + result['socket_errors']}  (load {cell['load_avg_1m']})", flush=True)
+              f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.1f} ms  errors "
+              f"{result['non_2xx'] + result['socket_errors']}  workers {cell['workers']}  "
+              f"(load {cell['load_avg_1m']})", flush=True)
         return cell
 
-    def server_cells(self, server: str, url: str) -> None:
+    def server_cells(self, server: str, endpoint: Endpoint) -> None:
+        self.memory.append({"server": server, "round": self.round, "workers": endpoint.workers(),
+                            **launch.session_memory(endpoint.session)})
         for key in self.args.workloads:
             workload = WORKLOADS[key]
             request = request_for(server, workload)
             if request is None:
                 continue
             for concurrency in self.args.concurrency:
-                self.cells.append(self.measure(server, url, workload, concurrency, request, server, server))
+                self.samples.append(self.measure(server, endpoint, workload, concurrency, request, server, server))
 
     def lever_deployment(self, lever: Lever, cluster: launch.RayCluster, config: dict) -> None:
         """Deploy one lever's config and measure it; a lever that fails is recorded, and the run goes on."""
         try:
             with launch.serve_run(cluster, config, self.logs / f"lever-{lever.key}.log") as url:
-                self.lever_cells(lever, url)
-        except Exception as exc:  # noqa: BLE001 - one broken variant must not lose a 20-minute run
+                self.lever_cells(lever, Endpoint(url, cluster.session, lambda: launch.running_replicas(
+                    cluster, "models", "ModelServer")))
+        except Exception as exc:  # noqa: BLE001 - one broken variant must not lose a long run
             print(f"  lever {lever.key} failed: {exc}", flush=True)
             self.failures.append({"lever": lever.key, "error": str(exc)[:500]})
 
-    def lever_cells(self, lever: Lever, url: str) -> None:
+    def lever_cells(self, lever: Lever, endpoint: Endpoint) -> None:
         for key in lever.workloads:
             if key not in self.args.workloads:
                 continue
             workload = WORKLOADS[key]
             request = request_for("ours", workload, lever.binary_format)
             for concurrency in lever.concurrency or self.args.lever_concurrency:
-                cell = self.measure("ours", url, workload, concurrency, request, lever.name[:40], lever.key)
+                cell = self.measure("ours", endpoint, workload, concurrency, request, lever.name[:40], lever.key)
                 self.levers.append({"lever": lever.name, **cell})
 
 
-def run_ray_servers(run: Run, store: Path, model_dir: Path) -> None:
-    """Ours (and its levers) on a Ray with the HAProxy fast path, then the naive app (and our
-    server behind the same default proxy) on a Ray with Serve's defaults."""
-    args = run.args
-    chosen = [LEVERS[key] for key in args.levers]
-    levers = [lever for lever in chosen if lever.ha_proxy]
-    if "ours" in args.servers or levers:
-        with launch.ray_cluster(ha_proxy=True, work=run.logs) as cluster:
+def round_order(servers: list[str], round_number: int) -> list[str]:
+    """Ours first in odd rounds and last in even ones, the peers in between: a slow drift of
+    the machine falls on both sides alike. Ray servers stay adjacent (they share a cluster)."""
+    ray = [s for s in SERVERS if s in servers and s in RAY_SERVERS]
+    others = [s for s in SERVERS if s in servers and s not in RAY_SERVERS]
+    order = ray + others
+    return order if round_number % 2 else list(reversed(order))
+
+
+def run_round(run: Run, servers: Servers) -> None:
+    """Every server in turn; the Ray servers on one cluster (HAProxy fast path), which is up
+    only while they run."""
+    order = round_order(run.args.servers, run.round)
+    last_ray = [s for s in order if s in RAY_SERVERS][-1:]
+    with ExitStack() as ray:
+        cluster = None
+        for server in order:
+            if server in RAY_SERVERS and cluster is None:
+                cluster = ray.enter_context(launch.ray_cluster(ha_proxy=True, work=run.logs))
+                run.ray_temp_dirs.append(str(cluster.temp_dir))
+            print(f"round {run.round}: {server} ({report.SERVER_TITLES[server]})", flush=True)
+            with servers.start(server, cluster) as endpoint:
+                run.server_cells(server, endpoint)
+            if [server] == last_ray:
+                ray.close()
+                cluster = None
+
+
+def run_levers(run: Run, store: Path) -> None:
+    """Our server with one change each, once, after the rounds: HAProxy levers on one cluster,
+    the default-proxy lever on a cluster with Serve's defaults."""
+    chosen = [LEVERS[key] for key in run.args.levers]
+    for ha_proxy in (True, False):
+        levers = [lever for lever in chosen if lever.ha_proxy == ha_proxy]
+        if not levers:
+            continue
+        with launch.ray_cluster(ha_proxy=ha_proxy, work=run.logs) as cluster:
             run.ray_temp_dirs.append(str(cluster.temp_dir))
-            if "ours" in args.servers:
-                print("ours (shipped config, HAProxy + direct ingress)", flush=True)
-                with launch.serve_run(cluster, our_config(store), run.logs / "ours.log") as url:
-                    run.server_cells("ours", url)
-                    for lever in (lv for lv in levers if lv.change is None):  # same deployment
-                        run.lever_cells(lever, url)
-            for lever in (lv for lv in levers if lv.change is not None):
+            for lever in levers:
                 print(f"lever: {lever.name}", flush=True)
                 config = our_config(store)
-                lever.change(config)
+                if lever.change is not None:
+                    lever.change(config)
                 run.lever_deployment(lever, cluster, config)
-    default_proxy_lever = next((lever for lever in chosen if not lever.ha_proxy), None)
-    if "ray-naive" in args.servers or default_proxy_lever:
-        with launch.ray_cluster(ha_proxy=False, work=run.logs) as cluster:
-            run.ray_temp_dirs.append(str(cluster.temp_dir))
-            if "ray-naive" in args.servers:
-                print("ray-naive (tutorial-style deployment, Serve defaults)", flush=True)
-                config = {"applications": [
-                    {"name": f"naive-{m}", "route_prefix": f"/{m}", "import_path": "bench.servers.ray_naive:app",
-                     "args": {"model_dir": str(model_dir), "model": m}} for m in ("breast-cancer", "iris")]}
-                with launch.serve_run(cluster, config, run.logs / "ray-naive.log") as url:
-                    run.server_cells("ray-naive", url)
-            if default_proxy_lever:
-                print(f"lever: {default_proxy_lever.name}", flush=True)
-                run.lever_deployment(default_proxy_lever, cluster, our_config(store))
 
 
-def main(argv: list[str] | None = None) -> int:
+def median_cells(samples: list[dict]) -> list[dict]:
+    """One cell per server, workload and concurrency: the median of its rounds (throughput,
+    latency percentiles, CPU per request), with the spread of requests/s."""
+    groups: dict[tuple, list[dict]] = {}
+    for sample in samples:
+        groups.setdefault((sample["server"], sample["workload"], sample["concurrency"]), []).append(sample)
+    cells = []
+    for (server, workload, concurrency), rounds in groups.items():
+        med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
+        kinds = {k for r in rounds for k in r["cpu_us_per_request"]}
+        cpu = {k: round(statistics.median(r["cpu_us_per_request"].get(k, 0.0) for r in rounds), 1) for k in kinds}
+        cells.append({
+            "server": server, "workload": workload, "concurrency": concurrency, "rows": rounds[0]["rows"],
+            "bytes_per_request": rounds[0]["bytes_per_request"], "rounds": len(rounds),
+            **{key: med(key) for key in ("rps", "rows_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms")},
+            "rps_min": min(r["rps"] for r in rounds), "rps_max": max(r["rps"] for r in rounds),
+            "requests": sum(r["requests"] for r in rounds), "non_2xx": sum(r["non_2xx"] for r in rounds),
+            "socket_errors": sum(r["socket_errors"] for r in rounds),
+            "workers": sorted({r["workers"] for r in rounds}),
+            "rss_mb_under_load": med_or_none([r["memory_under_load"].get("rss_mb") for r in rounds]),
+            "cpu_us_per_request": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
+        })
+    return cells
+
+
+def med_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def idle_memory(memory: list[dict]) -> dict[str, dict]:
+    """Per server: the median over rounds of its processes and memory before any load."""
+    by_server: dict[str, list[dict]] = {}
+    for entry in memory:
+        by_server.setdefault(entry["server"], []).append(entry)
+    return {server: {key: med_or_none([e.get(key) for e in entries])
+                     for key in ("workers", "processes", "rss_mb", "pss_mb")}
+            for server, entries in by_server.items()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
+    parser.add_argument("--quick", action="store_true",
+                        help="development run: " + ", ".join(f"{k} {v}" for k, v in QUICK.items())
+                        + " (explicit options win)")
     parser.add_argument("--servers", type=csv, default=list(SERVERS), help=f"subset of {','.join(SERVERS)}")
-    parser.add_argument("--workloads", type=csv, default=list(WORKLOADS), help=f"subset of {','.join(WORKLOADS)}")
-    parser.add_argument("--concurrency", type=lambda t: [int(c) for c in csv(t)], default=[1, 16, 64])
+    parser.add_argument("--workloads", type=csv, help=f"subset of {','.join(WORKLOADS)}")
+    parser.add_argument("--concurrency", type=lambda t: [int(c) for c in csv(t)], help="default: 1,16,64")
     parser.add_argument("--lever-concurrency", type=lambda t: [int(c) for c in csv(t)], default=[16, 64])
-    parser.add_argument("--levers", type=lambda t: [] if t == "none" else csv(t), default=list(LEVERS),
-                        help=f"subset of {','.join(LEVERS)}, or none")
-    parser.add_argument("--limit-seconds", type=float, default=2.0, help="seconds per in-process measurement")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per cell")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each cell, not recorded")
+    parser.add_argument("--levers", type=lambda t: [] if t == "none" else csv(t),
+                        help=f"subset of {','.join(LEVERS)}, or none (default: all)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per cell (default 3)")
+    parser.add_argument("--limit-seconds", type=float, help="seconds per in-process measurement (default 2)")
+    parser.add_argument("--duration", type=float, help="seconds measured per cell (default 8)")
+    parser.add_argument("--warmup", type=float, help="seconds of load before each cell, not recorded (default 2)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--mlserver-venv", type=Path, default=MLSERVER_VENV)
     args = parser.parse_args(argv)
+    defaults = {"workloads": list(WORKLOADS), "concurrency": [1, 16, 64], "levers": list(LEVERS), "rounds": 3,
+                "limit_seconds": 2.0, "duration": 8.0, "warmup": 2.0}
+    for key, default in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, QUICK[key] if args.quick else default)
     for name, chosen, known in (("server", args.servers, SERVERS), ("workload", args.workloads, WORKLOADS),
                                 ("lever", args.levers, LEVERS)):
         if set(chosen) - set(known):
             parser.error(f"unknown {name}(s) {sorted(set(chosen) - set(known))}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (make bench installs it: apt-get install wrk)")
     if "mlserver" in args.servers and not (args.mlserver_venv / "bin" / "mlserver").exists():
@@ -285,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results = {"meta": {"started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                         "cores": os.cpu_count(), "duration_s": args.duration, "warmup_s": args.warmup,
-                        "concurrency": args.concurrency, "load_before": os.getloadavg()}}
+                        "rounds": args.rounds, "concurrency": args.concurrency, "load_before": os.getloadavg()}}
     run = Run(args)
 
     # The same trained models for everyone: our store, and its export for the others.
@@ -305,19 +481,18 @@ def main(argv: list[str] | None = None) -> int:
     if any(WORKLOADS[k].rows > 1 for k in args.workloads):
         results["codecs"] = inprocess.codec_costs(store, "breast-cancer", 1000, args.limit_seconds / 2)
 
-    for server in ("fastapi", "mlserver"):
-        if server in args.servers:
-            print(server, flush=True)
-            with ExitStack() as stack:
-                log = run.logs / f"{server}.log"
-                url = stack.enter_context(launch.fastapi_server(model_dir, log) if server == "fastapi"
-                                          else launch.mlserver(args.mlserver_venv, model_dir, log))
-                run.server_cells(server, url)
-    run_ray_servers(run, store_path, model_dir)
+    servers = Servers(run, store_path, model_dir)
+    results["meta"]["ingress_replicas"] = servers.replicas
+    for number in range(1, args.rounds + 1):
+        run.round = number
+        run_round(run, servers)
+    run_levers(run, store_path)
 
     results["meta"].update(load_after=os.getloadavg(), wall_s=round(time.monotonic() - started),
                            ray_temp_dirs=run.ray_temp_dirs)
-    results["cells"], results["levers"], results["failures"] = run.cells, run.levers, run.failures
+    results["cells"], results["samples"] = median_cells(run.samples), run.samples
+    results["memory"], results["levers"], results["failures"] = idle_memory(run.memory), run.levers, run.failures
+    results["memory_rounds"] = run.memory
     report.write(results, args.out)
     print(report.markdown(results))
     print(f"results: {args.out}/bench.{{json,md,png}} ({results['meta']['wall_s']} s)")

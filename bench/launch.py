@@ -39,6 +39,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def session_processes(session: int) -> list:
+    """Every live process of one server: those of the session its launcher started (``ray
+    start`` and the daemons it leaves behind, or a uvicorn/MLServer supervisor and its
+    workers all share it)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if os.getsid(proc.pid) == session:
+                found.append(proc)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return found
+
+
+def session_memory(session: int) -> dict:
+    """Process count and resident memory (RSS, and PSS, which splits shared pages fairly) of
+    one server's session."""
+    import psutil
+
+    count, rss, pss = 0, 0, 0
+    for proc in session_processes(session):
+        try:
+            info = proc.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        count, rss, pss = count + 1, rss + info.rss, pss + getattr(info, "pss", info.rss)
+    return {"processes": count, "rss_mb": round(rss / 2**20), "pss_mb": round(pss / 2**20)}
+
+
 @dataclass
 class RayCluster:
     gcs_address: str
@@ -46,6 +77,7 @@ class RayCluster:
     http_port: int
     env: dict[str, str]
     temp_dir: Path
+    session: int = 0  # the session of its processes (session_memory)
 
     @property
     def url(self) -> str:
@@ -76,14 +108,15 @@ def ray_cluster(ha_proxy: bool, work: Path) -> Iterator[RayCluster]:
         for attempt in range(RAY_START_ATTEMPTS):
             # `ray start` gives its raylet a fixed 30 s to register: a busy machine can miss that.
             # A session of its own: stop_ray_cluster finds Ray's orphans (its client server) by
-            # process group, and never touches the caller's.
-            if subprocess.run(command, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True).returncode == 0:
+            # process group, and never touches the caller's; session_memory counts it.
+            starter = subprocess.Popen(command, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            if starter.wait() == 0:
                 break
             stop_ray_cluster(temp_dir)
         else:
             raise RuntimeError(f"ray start failed {RAY_START_ATTEMPTS} times; see {log.name}")
-        yield RayCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", http, env, temp_dir)
+        yield RayCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", http, env, temp_dir, starter.pid)
     finally:
         stop_ray_cluster(temp_dir)  # this cluster only
         if ha_proxy:
@@ -103,6 +136,12 @@ def _serve_api(cluster: RayCluster, method: str) -> httpx.Response:
 
 def _applications(cluster: RayCluster) -> dict:
     return _serve_api(cluster, "GET").json().get("applications") or {}
+
+
+def running_replicas(cluster: RayCluster, app: str, deployment: str) -> int:
+    """How many replicas of one deployment are RUNNING now (autoscaling may have added some)."""
+    replicas = _applications(cluster)[app]["deployments"][deployment]["replicas"]
+    return sum(r["state"] == "RUNNING" for r in replicas)
 
 
 @contextmanager
@@ -165,36 +204,47 @@ def serve_run(cluster: RayCluster, config: dict, log_path: Path) -> Iterator[str
                 time.sleep(1)
 
 
+@dataclass
+class ProcessServer:
+    url: str
+    session: int
+
+
 @contextmanager
-def process_server(command: list[str], env: dict, ready_path: str, port: int, log_path: Path) -> Iterator[str]:
-    """A server process in its own process group; yields its URL once ``ready_path`` answers 200."""
+def process_server(command: list[str], env: dict, ready_path: str, port: int, log_path: Path,
+                   settle_s: float = 0.0) -> Iterator[ProcessServer]:
+    """A server process in a session of its own; yields it once ``ready_path`` answers 200
+    (and ``settle_s`` later: a supervisor's other workers may still be starting)."""
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, env=env, cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             wait_ready(url + ready_path, proc, timeout=READY_TIMEOUT_S)
-            yield url
+            time.sleep(settle_s)
+            yield ProcessServer(url, proc.pid)
         finally:
             stop_process_group(proc, timeout=30)
 
 
-def fastapi_server(model_dir: Path, log_path: Path) -> ContextManager[str]:
-    """The hand-rolled baseline: one uvicorn process with uvicorn's defaults (its access log
-    on, like our shipped config's), see bench/servers/fastapi_baseline.py."""
+def fastapi_server(model_dir: Path, log_path: Path, workers: int) -> ContextManager[ProcessServer]:
+    """The careful FastAPI app (bench/servers/careful_fastapi.py) under uvicorn with ``workers``
+    processes, uvicorn's access log off (as in our shipped config)."""
     port = free_port()
     env = {**os.environ, "BENCH_MODEL_DIR": str(model_dir), "PYTHONPATH": str(ROOT)}
-    command = [str(BIN / "uvicorn"), "bench.servers.fastapi_baseline:app", "--host", "127.0.0.1",
-               "--port", str(port)]
-    return process_server(command, env, "/docs", port, log_path)
+    command = [str(BIN / "uvicorn"), "bench.servers.careful_fastapi:app", "--host", "127.0.0.1",
+               "--port", str(port), "--no-access-log", "--workers", str(workers)]
+    return process_server(command, env, "/ready", port, log_path, settle_s=2.0 if workers > 1 else 0.0)
 
 
-def mlserver(venv: Path, model_dir: Path, log_path: Path) -> ContextManager[str]:
+def mlserver(venv: Path, model_dir: Path, log_path: Path, workers: int) -> ContextManager[ProcessServer]:
     """MLServer from its own virtualenv, serving ``model_dir`` (model folders with their
-    model-settings.json), defaults except ports."""
+    model-settings.json, adaptive batching on) with ``workers`` inference processes
+    (``parallel_workers``), its other settings at their defaults."""
     port = free_port()
-    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port(), "metrics_port": free_port()}
+    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
+                "parallel_workers": workers}
     (model_dir / "settings.json").write_text(json.dumps(settings))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     return process_server([str(venv / "bin" / "mlserver"), "start", str(model_dir)], env,
-                          "/v2/health/ready", port, log_path)
+                          "/v2/health/ready", port, log_path, settle_s=2.0)

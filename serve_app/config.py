@@ -170,6 +170,9 @@ class AppConfig(BaseModel):
     access_log: AccessLogSpec = Field(default_factory=AccessLogSpec)
     multiplexed: MultiplexSpec | None = Field(
         None, description="serve the long tail of the store through Serve model multiplexing")
+    fast_path: bool = Field(
+        True, description="answer the inference routes without FastAPI's routing (serve_app/http/routes.py); "
+                          "false sends every route through FastAPI")
 
     @model_validator(mode="before")
     @classmethod

@@ -1,15 +1,19 @@
-"""The HTTP ingress: KServe V1 and Open Inference Protocol V2 routes over one FastAPI app.
+"""The HTTP ingress: KServe V1 and Open Inference Protocol V2 routes.
 
 Each route reads its body, decodes it with a codec, asks the registry which worker answers,
 and encodes the answer, inside the request lifecycle (:mod:`serve_app.http.lifecycle`) that
 authenticates, times out, maps errors to statuses, counts and logs. Models run inside this
 replica unless declared ``dedicated`` (a deployment of their own) or served from the
 multiplexed long tail; the registry hides which.
+
+Routes are declared with :func:`serve_app.http.routes.route`; each replica builds its ASGI app
+from them (``__serve_build_asgi_app__``): the inference routes on the fast path, the others
+(and ``/docs``) through FastAPI.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request,
-# path parameters) as objects, and serve.ingress copies the class before string annotations
-# could be resolved, so `request: Request` would become a query parameter.
+# path parameters) from the functions' own module when it resolves strings; plain objects are
+# simplest.
 import logging
 from typing import Callable
 
@@ -31,6 +35,7 @@ from serve_app.http import auth, bodies
 from serve_app.http.lifecycle import RequestLifecycle, RequestRefused
 from serve_app.http.openapi_docs import V1_REQUEST, V2_REQUEST
 from serve_app.http.responses import error_response, json_response, v2_response
+from serve_app.http.routes import FastPath, build_api, route
 from serve_app.metadata import ModelMetadata
 from serve_app.serving.outputs import EXPLANATION_OUTPUTS
 from serve_app.serving.registry import ModelRegistry
@@ -41,30 +46,31 @@ SERVER_NAME = "serve-app"
 # How long a reload request waits for every replica to reload.
 RELOAD_TIMEOUT_S = 60.0
 
-api = FastAPI(
-    title="serve-app",
-    version=__version__,
-    description="scikit-learn and XGBoost models on Ray Serve: KServe V1 and Open Inference Protocol V2.",
-)
-
-
-@api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
     return error_response(exc.status_code, str(exc.detail))
 
 
-@api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
     return error_response(400, str(exc.errors()))
 
 
-@api.exception_handler(RequestRefused)
 async def _refused(_: Request, exc: RequestRefused) -> Response:
     return exc.response
 
 
+def fastapi_app(server: "ModelServer") -> FastAPI:
+    """Every route of one replica's ingress on FastAPI, errors in our JSON shape."""
+    api = build_api(server, title="serve-app", version=__version__,
+                    description="scikit-learn and XGBoost models on Ray Serve: KServe V1 and Open Inference "
+                                "Protocol V2.")
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(RequestValidationError, _validation_error)
+    api.add_exception_handler(RequestRefused, _refused)
+    return api
+
+
 @serve.deployment(name="ModelServer", **DEPLOYMENT_OPTIONS)
-@serve.ingress(api)
+@serve.ingress()
 class ModelServer:
     def __init__(self, config: dict, dedicated: dict[str, DeploymentHandle] | None = None,
                  multiplexed: DeploymentHandle | None = None):
@@ -79,6 +85,11 @@ class ModelServer:
             logger.warning("no SERVE_APP_API_TOKEN: the model and admin endpoints (reload) are open")
         self.lifecycle = RequestLifecycle(self.registry, self.config.access_log, token)
         self._limit = self.config.max_request_bytes
+
+    def __serve_build_asgi_app__(self):
+        """This replica's ASGI app (Serve calls it once, after ``__init__``)."""
+        api = fastapi_app(self)
+        return FastPath(self, api) if self.config.fast_path else api
 
     async def check_health(self) -> None:
         """Serve replaces this replica when a model loaded here stops predicting."""
@@ -105,20 +116,19 @@ class ModelServer:
         return worker, v1.decode_request(body, worker.meta, worker.accepts_missing)
 
     # -- KServe V1 ---------------------------------------------------------------------------
-    @api.get("/v1/models", tags=["V1"])
+    @route("GET", "/v1/models", tags=["V1"])
     async def v1_list(self, request: Request) -> Response:
         async with self._scope(request, "v1", "") as scope:
             scope.reply({"models": await self.registry.names()})
         return scope.response
 
-    @api.get("/v1/models/{name}", tags=["V1"])
-    @api.get("/v1/models/{name}/versions/{version}", tags=["V1"])
+    @route("GET", "/v1/models/{name}", "/v1/models/{name}/versions/{version}", tags=["V1"])
     async def v1_model(self, name: str, request: Request, version: str | None = None) -> Response:
         return await self._describe(request, "v1", name, version,
                                     lambda meta: {"name": name, "ready": True, **meta.to_dict()})
 
-    @api.post("/v1/models/{name}:predict", tags=["V1"], openapi_extra=V1_REQUEST)
-    @api.post("/v1/models/{name}/versions/{version}:predict", tags=["V1"], openapi_extra=V1_REQUEST)
+    @route("POST", "/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict", fast=True,
+           tags=["V1"], openapi_extra=V1_REQUEST)
     async def v1_predict(self, name: str, request: Request, version: str | None = None) -> Response:
         async with self._scope(request, "v1", name) as scope:
             worker, decoded = await self._v1_request(request, name, version)
@@ -126,8 +136,8 @@ class ModelServer:
             scope.reply(v1.encode_response(answer, decoded), answer.version)
         return scope.response
 
-    @api.post("/v1/models/{name}:explain", tags=["V1"], openapi_extra=V1_REQUEST)
-    @api.post("/v1/models/{name}/versions/{version}:explain", tags=["V1"], openapi_extra=V1_REQUEST)
+    @route("POST", "/v1/models/{name}:explain", "/v1/models/{name}/versions/{version}:explain",
+           tags=["V1"], openapi_extra=V1_REQUEST)
     async def v1_explain(self, name: str, request: Request, version: str | None = None) -> Response:
         """Per-feature contributions to the model's margin, per row (docs/protocols.md)."""
         async with self._scope(request, "v1", name) as scope:
@@ -137,32 +147,31 @@ class ModelServer:
         return scope.response
 
     # -- Open Inference Protocol V2 ------------------------------------------------------------
-    @api.get("/v2", tags=["V2"])
+    @route("GET", "/v2", tags=["V2"])
     async def v2_server(self) -> Response:
         return json_response({"name": SERVER_NAME, "version": __version__,
                               "extensions": ["binary_tensor_data", "model_repository"]})
 
-    @api.get("/v2/health/live", tags=["V2"])
+    @route("GET", "/v2/health/live", tags=["V2"])
     async def v2_live(self) -> Response:
         return json_response({"live": True})
 
-    @api.get("/v2/health/ready", tags=["V2"])
+    @route("GET", "/v2/health/ready", tags=["V2"])
     async def v2_ready(self) -> Response:
         return json_response({"ready": True})
 
-    @api.get("/v2/models/{name}", tags=["V2"])
-    @api.get("/v2/models/{name}/versions/{version}", tags=["V2"])
+    @route("GET", "/v2/models/{name}", "/v2/models/{name}/versions/{version}", tags=["V2"])
     async def v2_model(self, name: str, request: Request, version: str | None = None) -> Response:
         return await self._describe(request, "v2", name, version, v2.model_metadata)
 
-    @api.get("/v2/models/{name}/ready", tags=["V2"])
-    @api.get("/v2/models/{name}/versions/{version}/ready", tags=["V2"])
+    @route("GET", "/v2/models/{name}/ready", "/v2/models/{name}/versions/{version}/ready",
+           tags=["V2"])
     async def v2_model_ready(self, name: str, request: Request, version: str | None = None) -> Response:
         return await self._describe(request, "v2", name, version, lambda meta: {"name": name, "ready": True},
                                     public=True)  # a health probe: no token
 
-    @api.post("/v2/models/{name}/infer", tags=["V2"], openapi_extra=V2_REQUEST)
-    @api.post("/v2/models/{name}/versions/{version}/infer", tags=["V2"], openapi_extra=V2_REQUEST)
+    @route("POST", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer", fast=True,
+           tags=["V2"], openapi_extra=V2_REQUEST)
     async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
         async with self._scope(request, "v2", name) as scope:
             worker = await self.registry.for_inference(name, version, request.headers.get("x-request-id"))
@@ -173,15 +182,14 @@ class ModelServer:
         return scope.response
 
     # -- model repository (the V2 repository extension, as Triton and MLServer speak it) ------
-    @api.get("/v2/repository/index", tags=["Repository"])
-    @api.post("/v2/repository/index", tags=["Repository"])
+    @route(("GET", "POST"), "/v2/repository/index", tags=["Repository"])
     async def repository_index(self, request: Request) -> Response:
         """Every model and version: what is live, where, with which share of traffic."""
         async with self._scope(request, "admin", "") as scope:
             scope.reply(await self.registry.index())
         return scope.response
 
-    @api.post("/v2/repository/models/{name}/load", tags=["Repository"])
+    @route("POST", "/v2/repository/models/{name}/load", tags=["Repository"])
     async def repository_load(self, name: str, request: Request) -> Response:
         """Reload ``name`` from the store in every replica that serves it, without a restart
         (``latest`` is resolved again). Answers when all have reloaded."""
