@@ -50,7 +50,7 @@ SERVERS = ("ours", "serve-minimal", "fastapi", "fastapi-1", "mlserver")
 RAY_SERVERS = ("ours", "serve-minimal")
 MLSERVER_VENV = ROOT / "bench" / ".mlserver-venv"
 QUICK = {"workloads": ["xgb-1", "sklearn-1"], "concurrency": [1, 16], "levers": [], "duration": 4.0,
-         "warmup": 1.0, "limit_seconds": 0.5, "rounds": 3}
+         "warmup": 1.0, "limit_seconds": 0.5, "rounds": 3, "memory": False}
 
 
 # -- the request each server's protocol makes of a workload (None: the server has no such format)
@@ -129,6 +129,13 @@ def batching(size: int, wait_s: float) -> Callable[[dict], None]:
     return change
 
 
+def inline_below(ms: float) -> Callable[[dict], None]:
+    def change(config: dict) -> None:
+        for model in _models(config):
+            model["inline_below_ms"] = ms
+    return change
+
+
 def replicas(n: int) -> Callable[[dict], None]:
     def change(config: dict) -> None:
         ingress = _ingress(config)
@@ -172,6 +179,7 @@ class Lever:
     binary_format: str = "v2"
     workloads: tuple[str, ...] = ("xgb-1",)
     concurrency: tuple[int, ...] | None = None  # None: --lever-concurrency
+    cluster_env: tuple[tuple[str, str], ...] = ()  # environment of the whole Ray (read at ray start)
 
 
 LEVERS = {lever.key: lever for lever in (
@@ -185,6 +193,10 @@ LEVERS = {lever.key: lever for lever in (
     # thread is a second thread hop per request; the shipped config turns it off.
     Lever("user-code-thread", "Serve's user-code thread on (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1)",
           replica_env(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="1")),
+    Lever("model-thread", "every model call on the model thread (inline_below_ms 0)", inline_below(0.0),
+          concurrency=(1, 16, 64)),
+    Lever("haproxy-metrics-on", "HAProxy's per-request log line for Serve's HTTP metrics on (shipped: off)",
+          cluster_env=(("RAY_SERVE_HAPROXY_METRICS_ENABLED", "1"),), concurrency=(1, 16, 64)),
     Lever("no-batching", "no batching (max_batch_size 1)", batching(1, 0.0)),
     # Shipped: wait 0, a batch is whatever queued while the model was busy.
     Lever("batch-wait-2ms", "batch wait 2 ms (shipped: 0)", batching(32, 0.002), concurrency=(1, 16, 64)),
@@ -359,22 +371,52 @@ def run_round(run: Run, servers: Servers) -> None:
                 cluster = None
 
 
-def run_levers(run: Run, store: Path) -> None:
-    """Our server with one change each, once, after the rounds: HAProxy levers on one cluster,
-    the default-proxy lever on a cluster with Serve's defaults."""
+def after_rounds(run: Run, store: Path, results: dict) -> None:
+    """Once, after the rounds: our memory with long-tail models loaded, and our server with one
+    change each (the levers). What needs only a Serve config shares one cluster; a lever that
+    changes Ray's environment gets a cluster of its own."""
     chosen = [LEVERS[key] for key in run.args.levers]
-    for ha_proxy in (True, False):
-        levers = [lever for lever in chosen if lever.ha_proxy == ha_proxy]
-        if not levers:
-            continue
-        with launch.ray_cluster(ha_proxy=ha_proxy, work=run.logs) as cluster:
+    groups = dict.fromkeys((lever.ha_proxy, lever.cluster_env) for lever in chosen)
+    memory = run.args.memory and "ours" in run.args.servers
+    if memory:
+        groups = {(True, ()): None, **groups}
+    for ha_proxy, env in groups:
+        levers = [lever for lever in chosen if (lever.ha_proxy, lever.cluster_env) == (ha_proxy, env)]
+        with launch.ray_cluster(ha_proxy=ha_proxy, work=run.logs, extra_env=dict(env)) as cluster:
             run.ray_temp_dirs.append(str(cluster.temp_dir))
+            if memory and (ha_proxy, env) == (True, ()):
+                results["loaded_memory"] = loaded_memory(run, cluster, store)
             for lever in levers:
                 print(f"lever: {lever.name}", flush=True)
                 config = our_config(store)
                 if lever.change is not None:
                     lever.change(config)
                 run.lever_deployment(lever, cluster, config)
+
+
+TAIL_MODELS = 8
+
+
+def loaded_memory(run: Run, cluster: launch.RayCluster, store: Path) -> dict:
+    """Our server's processes and memory idle, then with ``TAIL_MODELS`` long-tail models
+    loaded by the multiplexed deployment (one request each)."""
+    from serve_app.tools.train import train_model
+
+    model_store = ModelStore(str(store))
+    names = [f"tail-{i}" for i in range(TAIL_MODELS)]
+    for name in names:
+        if not model_store.list_models().get(name):
+            train_model("wine", model_store, save_as=name)
+    X = features("breast-cancer", 1)[:, :13]  # wine has 13 features
+    with launch.serve_run(cluster, our_config(store), run.logs / "memory.log") as url:
+        idle = launch.session_memory(cluster.session)
+        for name in names:
+            request = v2_json(name, X)
+            response = httpx.post(url + request.path, content=request.body, headers=request.headers, timeout=120)
+            response.raise_for_status()
+        loaded = launch.session_memory(cluster.session)
+    print(f"  memory: idle {idle}, with {TAIL_MODELS} long-tail models {loaded}", flush=True)
+    return {"idle": idle, "tail_models": TAIL_MODELS, "with_tail_models": loaded}
 
 
 def median_cells(samples: list[dict]) -> list[dict]:
@@ -433,11 +475,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit-seconds", type=float, help="seconds per in-process measurement (default 2)")
     parser.add_argument("--duration", type=float, help="seconds measured per cell (default 8)")
     parser.add_argument("--warmup", type=float, help="seconds of load before each cell, not recorded (default 2)")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"measure our memory with {TAIL_MODELS} long-tail models loaded (default: on, "
+                             "off with --quick)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--mlserver-venv", type=Path, default=MLSERVER_VENV)
     args = parser.parse_args(argv)
     defaults = {"workloads": list(WORKLOADS), "concurrency": [1, 16, 64], "levers": list(LEVERS), "rounds": 3,
-                "limit_seconds": 2.0, "duration": 8.0, "warmup": 2.0}
+                "limit_seconds": 2.0, "duration": 8.0, "warmup": 2.0, "memory": True}
     for key, default in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, QUICK[key] if args.quick else default)
@@ -486,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     for number in range(1, args.rounds + 1):
         run.round = number
         run_round(run, servers)
-    run_levers(run, store_path)
+    after_rounds(run, store_path, results)
 
     results["meta"].update(load_after=os.getloadavg(), wall_s=round(time.monotonic() - started),
                            ray_temp_dirs=run.ray_temp_dirs)

@@ -23,7 +23,7 @@ from typing import ContextManager, Iterator
 import httpx
 import yaml
 
-from serve_app.tools.localserve import (HAPROXY_RETRY_ON, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
+from serve_app.tools.localserve import (FAST_PATH_ENV, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
                                   stop_ray_cluster, wait_ready)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,21 +85,22 @@ class RayCluster:
 
 
 @contextmanager
-def ray_cluster(ha_proxy: bool, work: Path) -> Iterator[RayCluster]:
+def ray_cluster(ha_proxy: bool, work: Path, extra_env: dict[str, str] | None = None) -> Iterator[RayCluster]:
     """A local Ray head; ``ha_proxy`` picks the ingress: HAProxy + direct ingress (our fast path)
-    or Ray Serve's default Python proxy (what a Serve app gets without configuration)."""
+    or Ray Serve's default Python proxy (what a Serve app gets without configuration);
+    ``extra_env`` adds to (or overrides) the environment Ray starts with."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"))  # short: socket paths
     gcs, dashboard, metrics, http = (free_port() for _ in range(4))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
     if ha_proxy:
-        env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", **haproxy_paths(temp_dir),
+        env.update({**FAST_PATH_ENV, **haproxy_paths(temp_dir),
                     "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
                     "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-                    "RAY_SERVE_HAPROXY_RETRY_ON": os.environ.get("RAY_SERVE_HAPROXY_RETRY_ON", HAPROXY_RETRY_ON),
                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
                     "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port())})
     else:
         env.update({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"})
+    env.update(extra_env or {})
     log = open(work / f"ray-start-{temp_dir.name}.log", "w")
     try:
         command = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",

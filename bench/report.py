@@ -150,6 +150,12 @@ def markdown(results: dict) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {g['goal']} | {g['workload']} | {_fmt(g['concurrency'])} | {g['value']} | "
                   f"{'yes' if g['met'] else '**no**'} |" for g in results["goals"]]
+    loaded = results.get("loaded_memory")
+    if loaded:
+        idle, tail = loaded["idle"], loaded["with_tail_models"]
+        lines += ["", f"Our memory, idle and with {loaded['tail_models']} long-tail models loaded: "
+                  f"{idle['processes']} processes, {idle['rss_mb']:,} MB RSS ({idle['pss_mb']:,} MB PSS); "
+                  f"{tail['processes']} processes, {tail['rss_mb']:,} MB RSS ({tail['pss_mb']:,} MB PSS)."]
     cpu = cpu_table(results)
     if cpu:
         lines += ["", "Where the CPU goes (medians; wrk and the rest of the machine included):", ""] + cpu

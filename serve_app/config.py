@@ -65,6 +65,11 @@ class ModelSpec(BaseModel):
     dedicated: bool = Field(
         False, description="serve from a deployment of its own (model-<name>) behind a handle"
     )
+    inline_below_ms: float = Field(
+        1.0, ge=0, description="a model call of at most max_batch_size rows runs on the replica's event "
+        "loop while this model's calls average less than this; longer ones (and 0: all) run on the "
+        "model's own thread"
+    )
     drift: DriftSpec = Field(default_factory=DriftSpec)
     timeout_s: float = Field(
         30.0, gt=0, description="a request waiting longer than this for the model gets 504"

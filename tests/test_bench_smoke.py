@@ -73,8 +73,11 @@ def test_harness_runs_every_peer_and_writes_results_table_and_plot(tmp_path):
     assert "| `mlserver` | MLServer, parallel workers = our replicas | 2 |" in table
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # nothing left running: not its servers, not a process of the Ray clusters it started
+    loaded = results["loaded_memory"]
+    assert loaded["tail_models"] == 8 and loaded["with_tail_models"]["rss_mb"] > loaded["idle"]["rss_mb"] > 0
     markers = [str(out), *results["meta"]["ray_temp_dirs"]]
-    assert len(markers) == 3  # the round's Ray servers share one cluster; the lever has its own
+    # the round's Ray servers share one cluster; the memory step and the lever another
+    assert len(markers) == 3
     leftovers = [cmd for cmd in _cmdlines() if any(m in " ".join(cmd) for m in markers)]
     assert not leftovers
 

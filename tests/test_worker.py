@@ -78,3 +78,46 @@ def test_a_full_batch_never_queues(store):
     worker, calls, queued = counted_worker(store, batch_wait_timeout_s=0.5, max_batch_size=8)
     asyncio.run(worker.infer(rows(load_iris().data[:8]), ("predict",)))
     assert queued == [] and calls == [8]
+
+
+def threads_of_calls(store: ModelStore, delay_s: float = 0.0, **spec) -> tuple[ModelWorker, list[str]]:
+    """A worker whose model calls record the thread they ran on (and take ``delay_s``)."""
+    import threading
+    import time
+
+    worker = ModelWorker(load_runtime(store, "iris", "latest"), ModelSpec(name="iris", **spec))
+    threads, predict = [], worker.runtime.predict
+
+    def recording_predict(X):
+        threads.append(threading.current_thread().name)
+        time.sleep(delay_s)
+        return predict(X)
+
+    worker.runtime.predict = recording_predict
+    return worker, threads
+
+
+def sequential(worker: ModelWorker, n: int, X) -> list:
+    async def run():
+        return [await worker.infer(rows(X), ("predict",)) for _ in range(n)]
+    return asyncio.run(run())
+
+
+def test_quick_small_calls_move_onto_the_event_loop_after_the_first(store):
+    worker, threads = threads_of_calls(store)
+    sequential(worker, 4, load_iris().data[:1])
+    assert threads[0].startswith("model-iris") and threads[1:] == ["MainThread"] * 3
+
+
+def test_slow_models_large_requests_and_inline_off_stay_on_the_model_thread(store):
+    slow, slow_threads = threads_of_calls(store, delay_s=0.003)  # 3 ms a call: above inline_below_ms
+    sequential(slow, 3, load_iris().data[:1])
+    assert all(t.startswith("model-iris") for t in slow_threads)
+
+    big, big_threads = threads_of_calls(store, max_batch_size=4)
+    sequential(big, 3, load_iris().data[:5])  # larger than a batch
+    assert all(t.startswith("model-iris") for t in big_threads)
+
+    off, off_threads = threads_of_calls(store, inline_below_ms=0)
+    sequential(off, 3, load_iris().data[:1])
+    assert all(t.startswith("model-iris") for t in off_threads)

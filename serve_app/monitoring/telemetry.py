@@ -177,6 +177,47 @@ class _GaugeKeeper:
 
 
 _gauges = _GaugeKeeper()
+
+
+class _CounterBuffer:
+    """Counter increments summed in the process and handed to Ray a few times a second.
+
+    A Ray metric update costs several microseconds of Python and C++ per call; a request
+    makes several (its outcome, the model call, the predicted classes). Summed here, each
+    series costs one update per flush however many requests it counted. Prometheus sees the
+    same totals, at most ``FLUSH_S`` later (Ray itself exports every few seconds)."""
+
+    FLUSH_S = 0.25
+
+    def __init__(self):
+        self._sums: Counter = Counter()  # (metric name, tag values in METRICS order) -> sum
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, name: str, values: tuple[str, ...], amount: float = 1) -> None:
+        with self._lock:
+            self._sums[(name, values)] += amount
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="serve-app-counters", daemon=True)
+                self._thread.start()
+
+    def flush(self) -> None:
+        with self._lock:
+            sums, self._sums = self._sums, Counter()
+        objects = _objects()
+        for (name, values), amount in sums.items():
+            objects[name].inc(amount, tags=dict(zip(METRICS[name].tags, values)))
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.FLUSH_S)
+            try:
+                self.flush()
+            except Exception:
+                logger.exception("flushing counters failed")
+
+
+_counters = _CounterBuffer()
 # Loaded workers per (model, version) in this process (see ModelTelemetry.unloaded).
 _loaded: Counter = Counter()
 _loaded_lock = threading.Lock()
@@ -192,6 +233,7 @@ class ModelTelemetry:
     def __init__(self, meta: ModelMetadata):
         self.meta = meta
         self.labels = {"model": meta.name, "version": meta.version}
+        self._label_values = (meta.name, meta.version)
 
     def loaded(self, seconds: float) -> None:
         with _loaded_lock:
@@ -215,15 +257,15 @@ class ModelTelemetry:
 
     def called(self, rows: int, seconds: float, results: Mapping[str, np.ndarray]) -> None:
         def update(m):
-            m["serve_app_model_calls"].inc(1, tags=self.labels)
+            _counters.add("serve_app_model_calls", self._label_values)
             m["serve_app_batch_size"].observe(rows, tags=self.labels)
             m["serve_app_model_latency_ms"].observe(seconds * 1000.0, tags=self.labels)
             if self.meta.is_classifier:
                 labels = results.get("predict")
                 if labels is None:  # probabilities only: count the most likely class
                     labels = labels_from_probabilities(self.meta.classes, results["predict_proba"])
-                for value, count in zip(*np.unique(labels, return_counts=True)):
-                    m["serve_app_predictions"].inc(int(count), tags={**self.labels, "class": str(value)})
+                for value, count in Counter(labels.tolist()).items():
+                    _counters.add("serve_app_predictions", (*self._label_values, str(value)), count)
             elif "predict" in results:
                 histogram = m["serve_app_prediction_value"]
                 values = np.asarray(results["predict"], dtype=np.float64).reshape(-1)
@@ -244,10 +286,9 @@ class ModelTelemetry:
 def shadow_done(model: str, version: str, outcome: str, seconds: float | None) -> None:
     """One mirrored request: ``outcome`` is SHADOW_OUTCOMES' match, mismatch, error or dropped."""
     def update(m):
-        tags = {"model": model, "version": version}
-        m["serve_app_shadow_requests"].inc(1, tags={**tags, "outcome": outcome})
+        _counters.add("serve_app_shadow_requests", (model, version, outcome))
         if seconds is not None:
-            m["serve_app_shadow_latency_ms"].observe(seconds * 1000.0, tags=tags)
+            m["serve_app_shadow_latency_ms"].observe(seconds * 1000.0, tags={"model": model, "version": version})
     _emit(update)
 
 
@@ -255,9 +296,8 @@ def request_done(model: str, version: str, protocol: str, code: int, seconds: fl
                  reason: str | None = None) -> None:
     """One finished request. ``model`` must be a served model's name or UNKNOWN_MODEL."""
     def update(m):
-        m["serve_app_requests"].inc(1, tags={"model": model, "version": version, "protocol": protocol,
-                                             "code": str(code), "outcome": _outcome(code)})
+        _counters.add("serve_app_requests", (model, version, protocol, str(code), _outcome(code)))
         m["serve_app_request_latency_ms"].observe(seconds * 1000.0, tags={"model": model, "protocol": protocol})
         if reason is not None:
-            m["serve_app_input_errors"].inc(1, tags={"model": model, "protocol": protocol, "reason": reason})
+            _counters.add("serve_app_input_errors", (model, protocol, reason))
     _emit(update)

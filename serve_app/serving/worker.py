@@ -5,6 +5,12 @@ DeploymentHandle hop on the request path), inside a dedicated per-model deployme
 replica of the multiplexed long tail (:mod:`serve_app.deployments`). Requests are queued with
 ``@serve.batch`` and sized in rows, so many single-row requests share one model call while a
 large request runs on its own.
+
+Where a model call runs: on the model's own thread, so a slow model cannot freeze the replica
+(timeouts fire, health checks and other models answer), unless it is small and this model's
+calls have been quick (``inline_below_ms``): then on the event loop, as a hand-written server
+calls its model. Handing a sub-millisecond call to a thread and back costs more CPU than the
+call itself (docs/performance.md#levers).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class ModelWorker(Worker):
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.meta.name}")
         self._closed = False
         self._pending = 0  # requests inside _predict (queued or at the model); event loop only
+        self._call_seconds: float | None = None  # moving average of model calls; None until one ran
         self._probe = self._reference_row()
         self._batched = serve.batch(
             max_batch_size=spec.max_batch_size,
@@ -102,7 +109,7 @@ class ModelWorker(Worker):
         self._pending += 1
         try:
             if self._skips_queue(inputs):
-                return await self._on_model_thread(self._compute, inputs, outputs)
+                return await self._call_model(inputs, outputs)
             answer = await self._batched((inputs, outputs))
         finally:
             self._pending -= 1
@@ -124,8 +131,7 @@ class ModelWorker(Worker):
             return [await self._alone(*items[0])]
         wanted = tuple(dict.fromkeys(o for _, outs in items for o in outs))
         try:
-            results = await self._on_model_thread(
-                self._compute, ModelInput.concat([inputs for inputs, _ in items]), wanted)
+            results = await self._call_model(ModelInput.concat([inputs for inputs, _ in items]), wanted)
         except Exception:
             # One request's rows broke the shared call (say, a huge value overflowing inside a
             # pipeline): answer each request on its own, so only the one that caused it fails.
@@ -140,12 +146,29 @@ class ModelWorker(Worker):
     async def _alone(self, inputs: ModelInput, outputs: tuple[str, ...]) -> Outputs | Exception:
         """One request's answer, or its exception as a value: a batch result is per request."""
         try:
-            return await self._on_model_thread(self._compute, inputs, outputs)
+            return await self._call_model(inputs, outputs)
         except Exception as exc:
             return exc
 
+    async def _call_model(self, inputs: ModelInput, outputs: Sequence[str]) -> Outputs:
+        """``_compute`` on the event loop when it is small and quick (see the module docstring),
+        else on the model's thread."""
+        average, limit = self._call_seconds, self.spec.inline_below_ms / 1000.0
+        if average is not None and average < limit and inputs.rows <= self.spec.max_batch_size:
+            return self._compute(inputs, outputs)
+        return await self._on_model_thread(self._compute, inputs, outputs)
+
     def _compute(self, inputs: ModelInput, outputs: Sequence[str]) -> Outputs:
         started = time.perf_counter()
+        try:
+            return self._results(inputs, outputs, started)
+        finally:
+            if inputs.rows <= self.spec.max_batch_size:  # what decides where the next small call runs
+                took = time.perf_counter() - started
+                average = self._call_seconds
+                self._call_seconds = took if average is None else 0.9 * average + 0.1 * took
+
+    def _results(self, inputs: ModelInput, outputs: Sequence[str], started: float) -> Outputs:
         X, results = inputs.matrix, {}
         if "predict_proba" in outputs and self.meta.is_classifier:
             proba = np.asarray(self.runtime.predict_proba(X), dtype=np.float64)
