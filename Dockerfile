@@ -29,6 +29,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     RAY_SERVE_ENABLE_HA_PROXY=1 \
     RAY_SERVE_HAPROXY_RETRY_ON="conn-failure empty-response" \
+    RAY_SERVE_HAPROXY_METRICS_ENABLED=0 \
     RAY_USAGE_STATS_ENABLED=0
 
 # ---- deps: the locked runtime dependencies in a virtualenv; rebuilt only when the lock changes.

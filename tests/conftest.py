@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from serve_app.store import ModelStore
-from serve_app.tools.localserve import (HAPROXY_RETRY_ON, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
+from serve_app.tools.localserve import (FAST_PATH_ENV, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
                                   stop_ray_cluster, wait_ready)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,15 +254,13 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
     prepare_fleet_store(work / "fleet_store")
     config_path = work / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_metrics_report_interval_ms": "1000",
+    env = {**os.environ, **FAST_PATH_ENV, "RAY_metrics_report_interval_ms": "1000",
            # HAProxy's own ports too, so the suite runs beside a `make serve`.
            "RAY_SERVE_HAPROXY_STATS_PORT": str(haproxy_stats),
            "RAY_SERVE_HAPROXY_METRICS_PORT": str(haproxy_metrics),
            # HAProxy's config, admin socket and server state default to /tmp/haproxy-serve,
            # shared by every local Ray: this cluster's go under its own temp dir.
            **haproxy_paths(ray_temp),
-           # What `make serve` and the image set: retry a request whose replica died under it.
-           "RAY_SERVE_HAPROXY_RETRY_ON": os.environ.get("RAY_SERVE_HAPROXY_RETRY_ON", HAPROXY_RETRY_ON),
            # ...and Serve's fallback proxy behind HAProxy (default 8500/9500).
            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(fallback_grpc),

@@ -30,6 +30,7 @@ import yaml
 
 from conftest import IN_CI, require_tool
 from serve_app.tools import alert_rules, manifests
+from serve_app.tools.localserve import FAST_PATH_ENV
 
 ROOT = manifests.ROOT
 CLUSTER = ROOT / "cluster"
@@ -323,9 +324,18 @@ def test_ray_cluster_shape(variant):
     assert head.get("serviceType", "ClusterIP") == "ClusterIP" and head.get("enableIngress") is False
     for name, template in ray_pod_templates(rayservice(variant)).items():
         env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
-        assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", name
+        assert {k: env.get(k) for k in FAST_PATH_ENV} == FAST_PATH_ENV, name
         # KubeRay sets these from authOptions; a hand-set value would fight it.
         assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env), name
+
+
+def test_make_serve_and_the_image_run_the_same_fast_path():
+    """The Makefile and the Dockerfile set FAST_PATH_ENV's values, as the RayService's Pods do
+    (test above) and the live tests' clusters (conftest)."""
+    makefile, dockerfile = (ROOT / "Makefile").read_text(), (ROOT / "Dockerfile").read_text()
+    for key, value in FAST_PATH_ENV.items():
+        assert re.search(rf"^export {key} \?= {re.escape(value)}$", makefile, re.M), key
+        assert re.search(rf"^\s+{key}=\"?{re.escape(value)}\"? \\$", dockerfile, re.M), key
 
 
 def test_dev_has_one_worker_group_with_min_one():

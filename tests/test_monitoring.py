@@ -118,7 +118,7 @@ def test_builtin_serve_metrics_present(prometheus, http):
         'ray_serve_deployment_status{application="models"}',
         lambda r: {s["metric"]["deployment"] for s in r} >= DEPLOYMENTS
         and all(s["value"][1] == "6" for s in r), what="every deployment HEALTHY")
-    prometheus.wait_for('ray_serve_num_http_requests_total{application="models",status_code="200"}',
+    prometheus.wait_for('ray_serve_app_requests_total{model="iris",code="200"}',
                         lambda r: r and float(r[0]["value"][1]) > 0)
     replicas = prometheus.query('ray_serve_autoscaling_target_replicas{application="models"}')
     assert {s["metric"]["deployment"] for s in replicas} == DEPLOYMENTS

@@ -22,7 +22,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from conftest import ROOT, free_port
-from serve_app.tools.localserve import HAPROXY_RETRY_ON, haproxy_paths
+from serve_app.tools.localserve import FAST_PATH_ENV, haproxy_paths
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 600  # per cell; a hung cell fails the test instead of hanging the suite
@@ -96,8 +96,7 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
         "RAY_AUTH_MODE": "token",
         "RAY_USAGE_STATS_ENABLED": "0",
         # The fast path, as `make serve` and `make jupyter` run it.
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_HAPROXY_RETRY_ON": HAPROXY_RETRY_ON,
+        **FAST_PATH_ENV,
     }
     for key, value in env.items():
         monkeypatch.setenv(key, str(value))  # the kernel, and Ray under it, inherit the environment

@@ -19,6 +19,13 @@ import httpx
 # connection without answering (a replica killed or crashing mid-request), not only one that
 # could not connect (Ray's default, conn-failure). Kept in step with the Makefile.
 HAPROXY_RETRY_ON = "conn-failure empty-response"
+# The fast path as `make serve`, the image and the RayService run it (tests hold the Makefile,
+# the Dockerfile and cluster/base/rayservice.yaml to these values). HAProxy's per-request log
+# datagram, parsed by Ray's HAProxyManager for Serve's HTTP metrics, cost ~100 µs of CPU per
+# request here; the app's own request counter and latency histogram cover the model routes
+# (docs/performance.md#levers, docs/monitoring.md).
+FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_RETRY_ON": HAPROXY_RETRY_ON,
+                 "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
 
 
 def haproxy_paths(base: Path) -> dict[str, str]:
