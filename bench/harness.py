@@ -2,7 +2,7 @@
 rounds on this machine (docs/performance.md).
 
     make bench                        # everything (~50 min)
-    .venv/bin/python -m bench.harness --quick          # a few minutes: one-row cells, no levers
+    .venv/bin/python -m bench.harness --quick          # ~15 min: one-row cells at c=1,16, no levers
     .venv/bin/python -m bench.harness --servers ours,fastapi --workloads xgb-1 --rounds 3 --levers none
 
 The peers (``SERVERS``): the minimal Ray Serve app (the floor Serve itself sets), the careful
