@@ -103,10 +103,12 @@ def sequential(worker: ModelWorker, n: int, X) -> list:
     return asyncio.run(run())
 
 
-def test_quick_small_calls_move_onto_the_event_loop_after_the_first(store):
-    worker, threads = threads_of_calls(store)
-    sequential(worker, 4, load_iris().data[:1])
-    assert threads[0].startswith("model-iris") and threads[1:] == ["MainThread"] * 3
+def test_quick_small_calls_move_onto_the_event_loop_once_measured(store):
+    # A limit no call here reaches, so that how fast this machine is does not matter; the
+    # first call (a cold start) is not measured, the second is.
+    worker, threads = threads_of_calls(store, inline_below_ms=10_000)
+    sequential(worker, 5, load_iris().data[:1])
+    assert all(t.startswith("model-iris") for t in threads[:2]) and threads[2:] == ["MainThread"] * 3
 
 
 def test_slow_models_large_requests_and_inline_off_stay_on_the_model_thread(store):

@@ -59,7 +59,9 @@ class ModelWorker(Worker):
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.meta.name}")
         self._closed = False
         self._pending = 0  # requests inside _predict (queued or at the model); event loop only
-        self._call_seconds: float | None = None  # moving average of model calls; None until one ran
+        # Moving average of small model calls; None until the second (the first is a cold start).
+        self._call_seconds: float | None = None
+        self._warmed_up = False
         self._probe = self._reference_row()
         self._batched = serve.batch(
             max_batch_size=spec.max_batch_size,
@@ -166,7 +168,10 @@ class ModelWorker(Worker):
             if inputs.rows <= self.spec.max_batch_size:  # what decides where the next small call runs
                 took = time.perf_counter() - started
                 average = self._call_seconds
-                self._call_seconds = took if average is None else 0.9 * average + 0.1 * took
+                if not self._warmed_up:  # a first call's caches are cold: it says little of the next
+                    self._warmed_up = True
+                else:
+                    self._call_seconds = took if average is None else 0.9 * average + 0.1 * took
 
     def _results(self, inputs: ModelInput, outputs: Sequence[str], started: float) -> Outputs:
         X, results = inputs.matrix, {}
