@@ -96,8 +96,9 @@ class FastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            path = _route_path(scope)
             for pattern, handler in self._routes.get(scope["method"], ()):
-                match = pattern.match(_route_path(scope))
+                match = pattern.match(path)
                 if match:
                     await _answer(handler, match.groupdict(), scope, receive, send)
                     return
