@@ -175,6 +175,9 @@ class AppConfig(BaseModel):
     access_log: AccessLogSpec = Field(default_factory=AccessLogSpec)
     multiplexed: MultiplexSpec | None = Field(
         None, description="serve the long tail of the store through Serve model multiplexing")
+    invocations_model: str | None = Field(
+        None, description="the model MLflow's POST /invocations answers with (per-model: "
+                          "/v1/models/{name}/invocations); default: the first of `models`")
     fast_path: bool = Field(
         True, description="answer the inference routes without FastAPI's routing (serve_app/http/routes.py); "
                           "false sends every route through FastAPI")
@@ -195,6 +198,10 @@ class AppConfig(BaseModel):
         if value.startswith("s3://"):
             return value
         return os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
+
+    @property
+    def default_invocations_model(self) -> str:
+        return self.invocations_model or self.models[0].name
 
     @field_validator("models")
     @classmethod

@@ -9,11 +9,14 @@ must come from the small fixed vocabulary in :data:`REASONS` (bounded metric car
 REASONS = (
     "invalid_request",        # the body's structure is wrong (not an object, missing key, ...)
     "malformed_json",
-    "malformed_binary",       # a binary body (.npy, V2 binary tensor extension) that cannot be read
+    "malformed_binary",
+    "malformed_csv",          # a text/csv body (MLflow's scoring protocol) that cannot be parsed       # a binary body (.npy, V2 binary tensor extension) that cannot be read
     "wrong_shape",            # feature count, ragged rows, shape/data mismatch, no rows
     "wrong_type",             # strings where numbers are needed, datatype mismatch, overflow
     "non_finite",             # Infinity
     "missing_value",          # null/NaN for a model that cannot take missing values
+    "unknown_category",       # a value outside a column's training categories
+    "rejected_by_model",      # the model (a user's pipeline) raised on the client's values
     "feature_names",          # unknown or missing named features
     "unknown_output",
     "model_not_found",

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 
 import httpx
+import math
+
 import numpy as np
 import orjson
 import pytest
@@ -119,7 +121,7 @@ BAD = [
     ("binary data cut short", None, "", None, "malformed_binary"),
     ("bytes after the last tensor", None, "", None, "malformed_binary"),
     ("size not a whole number of values", None, "", None, "wrong_shape"),
-    ("binary BYTES tensor", None, "", None, "wrong_type"),
+    ("binary BYTES tensor", None, "", None, "wrong_type"),  # strings for a numeric model
     ("negative size", None, "", None, "malformed_binary"),
 ]
 
@@ -135,7 +137,7 @@ def _bad_extension(name: str) -> tuple[bytes, str]:
     if name == "size not a whole number of values":
         return extension_body([(x, b"\0" * 31)])
     if name == "binary BYTES tensor":
-        return extension_body([({**x, "datatype": "BYTES"}, b"\0" * 32)])
+        return extension_body([({**x, "datatype": "BYTES"}, b"\x01\0\0\0a" * math.prod(x["shape"]))])
     header = orjson.dumps({"inputs": [{**x, "parameters": {"binary_data_size": -8}}]})
     return header, str(len(header))
 

@@ -8,7 +8,8 @@ Two formats (docs/protocols.md), both for ``POST /v2/models/{name}/infer``:
 - The V2 binary tensor extension (KServe / Triton; what ``tritonclient`` sends by default):
   header ``Inference-Header-Content-Length: L``; the body's first L bytes are the JSON request,
   in which an input replaces ``data`` with ``"parameters": {"binary_data_size": n}``, and its
-  n raw little-endian bytes follow, inputs in order. Outputs asked for with
+  n raw little-endian bytes follow, inputs in order (a BYTES input's elements each a 4-byte
+  little-endian length and its UTF-8 bytes). Outputs asked for with
   ``"parameters": {"binary_data": true}`` (or the request's ``binary_data_output: true``) come
   back the same way (see :func:`encode_response`).
 
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from serve_app.codecs.v2 import DATATYPES, datatype_of
+from serve_app.codecs.v2 import BYTES, DATATYPES, datatype_of
 from serve_app.errors import BadInput
 
 NPY_MEDIA_TYPE = "application/x-npy"
@@ -124,9 +125,14 @@ def _binary_tensor(body: bytes, offset: int, tensor: dict, index: int) -> np.nda
     if "data" in tensor:
         raise BadInput(f"{where} has both data and binary_data_size; send one", "invalid_request")
     datatype = tensor.get("datatype")
+    if datatype == BYTES:
+        if offset + size > len(body):
+            raise BadInput(f"{where}: binary_data_size {size} runs past the end of the body "
+                           f"({len(body) - offset} bytes left)", "malformed_binary")
+        return read_strings(memoryview(body)[offset:offset + size], where)
     if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise BadInput(f"{where}: unsupported datatype {datatype!r} for binary data; use one of "
-                       f"{sorted(DATATYPES)}", "wrong_type")
+                       f"{sorted([*DATATYPES, BYTES])}", "wrong_type")
     dtype = np.dtype(DATATYPES[datatype][0]).newbyteorder("<")
     if size % dtype.itemsize:
         raise BadInput(f"{where}: binary_data_size {size} is not a whole number of {datatype} values "
@@ -135,6 +141,38 @@ def _binary_tensor(body: bytes, offset: int, tensor: dict, index: int) -> np.nda
         raise BadInput(f"{where}: binary_data_size {size} runs past the end of the body "
                        f"({len(body) - offset} bytes left)", "malformed_binary")
     return np.frombuffer(body, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+
+
+def read_strings(raw: memoryview, where: str) -> np.ndarray:
+    """BYTES elements of the binary extension: each a 4-byte little-endian length and that
+    many bytes of UTF-8 text."""
+    values, offset, end = [], 0, len(raw)
+    while offset < end:
+        if offset + 4 > end:
+            raise BadInput(f"{where}: a BYTES element's 4-byte length is cut off", "malformed_binary")
+        length = int.from_bytes(raw[offset:offset + 4], "little")
+        offset += 4
+        if offset + length > end:
+            raise BadInput(f"{where}: a BYTES element of {length} bytes runs past its tensor's data",
+                           "malformed_binary")
+        try:
+            values.append(str(raw[offset:offset + length], "utf-8"))
+        except UnicodeDecodeError:
+            raise BadInput(f"{where}: BYTES element {len(values)} is not UTF-8 text", "malformed_binary") from None
+        offset += length
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
+def write_strings(values: np.ndarray) -> bytes:
+    """The binary extension's BYTES encoding of string values."""
+    parts = []
+    for value in values.reshape(-1).tolist():
+        encoded = str(value).encode("utf-8")
+        parts.append(len(encoded).to_bytes(4, "little"))
+        parts.append(encoded)
+    return b"".join(parts)
 
 
 def binary_outputs(request: dict[str, Any]) -> set[str]:
@@ -155,12 +193,19 @@ def binary_outputs(request: dict[str, Any]) -> set[str]:
 
 def encode_response(response: dict[str, Any], binary: set[str]) -> tuple[bytes, int]:
     """A V2 response with the ``binary`` outputs moved behind the JSON, as raw little-endian
-    bytes: the body and the JSON part's length (the ``Inference-Header-Content-Length``).
-    String labels (BYTES) stay JSON data, which V2 clients read either way."""
+    bytes (string labels as length-prefixed BYTES elements): the body and the JSON part's
+    length (the ``Inference-Header-Content-Length``)."""
     chunks = []
     for output in response["outputs"]:
         data = output["data"]
-        if output["name"] in binary and isinstance(data, np.ndarray):
+        if output["name"] not in binary:
+            continue
+        if output["datatype"] == BYTES:
+            raw = write_strings(np.asarray(data, dtype=object))
+            chunks.append(raw)
+            output["parameters"] = {"binary_data_size": len(raw)}
+            del output["data"]
+        elif isinstance(data, np.ndarray):
             raw = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
             chunks.append(memoryview(raw).cast("B"))
             output["parameters"] = {"binary_data_size": raw.nbytes}

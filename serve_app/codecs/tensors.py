@@ -24,12 +24,13 @@ from serve_app.serving.interface import ModelInput
 
 @dataclass(frozen=True)
 class DecodedRequest:
-    """What a protocol's request asks of a model: its rows, the outputs wanted (in order) and
-    the request's own id, echoed in the answer (V2)."""
+    """What a protocol's request asks of a model: its rows, the outputs wanted (in order), the
+    request's own id, echoed in the answer (V2), and how probabilities are presented."""
 
     inputs: ModelInput
     outputs: tuple[str, ...]
     request_id: Any = None
+    classes: Any = None  # the labels probabilities are keyed by, when the client asked for that
 
 
 def model_input(matrix: np.ndarray, meta: ModelMetadata) -> ModelInput:
@@ -83,18 +84,3 @@ def check_finite(array: np.ndarray, accepts_missing: bool, what: str) -> np.ndar
         if not accepts_missing and np.isnan(array).any():
             raise BadInput(f"{what}: missing values (null/NaN) are not accepted by this model", "missing_value")
     return array
-
-
-def columns_to_matrix(columns: dict[str, Any], feature_names: Sequence[str], what: str) -> list:
-    """Order named columns (or named row fields) by the model's features, naming any
-    unknown or missing feature."""
-    unknown = sorted(set(columns) - set(feature_names))
-    missing = [f for f in feature_names if f not in columns]
-    if unknown or missing:
-        parts = []
-        if unknown:
-            parts.append(f"unknown features {unknown}")
-        if missing:
-            parts.append(f"missing features {missing}")
-        raise BadInput(f"{what}: {'; '.join(parts)}; expected {list(feature_names)}", "feature_names")
-    return [columns[f] for f in feature_names]

@@ -1,17 +1,24 @@
 """KServe V1 (TensorFlow-Serving style) prediction protocol.
 
-Request:  ``{"instances": [[f1, f2, ...], ...]}`` or ``{"instances": [{"f1": v, ...}, ...]}``,
-          optionally ``"parameters": {"output": "predict_proba"}``.
+Request:  ``{"instances": [[f1, f2, ...], ...]}`` (rows in the schema's feature order) or
+          ``{"instances": [{"f1": v, ...}, ...]}`` (records), optionally
+          ``"parameters": {"output": "predict_proba", "labels": true}``.
 Response: ``{"predictions": [...]}`` -- labels/values by default; with
           ``output: predict_proba`` each prediction is the list of class probabilities in
-          the order of the model's ``classes`` (``GET /v1/models/{name}``).
+          the order of the model's ``classes`` (``GET /v1/models/{name}``), or with
+          ``labels: true`` an object keyed by class label.
+
+Rows of numbers for a numeric model take the fast path (one numpy conversion); records, and
+any row of a mixed-type model, are checked column by column against the schema
+(:mod:`serve_app.codecs.tables`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from serve_app.codecs.tensors import DecodedRequest, as_float_matrix, columns_to_matrix, jsonable, model_input
+from serve_app.codecs import tables
+from serve_app.codecs.tensors import DecodedRequest, as_float_matrix, jsonable, model_input
 from serve_app.errors import BadInput
 from serve_app.metadata import ModelMetadata
 from serve_app.serving.interface import Answer
@@ -26,29 +33,42 @@ def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> Dec
         raise BadInput('"instances" must be a list of rows')
     if not instances:
         raise BadInput('"instances" is empty: send at least one row', "wrong_shape")
-    parameters = body.get("parameters") or {}
+    output, by_label = answer_options(body.get("parameters"), meta)
+    if isinstance(instances[0], dict):
+        inputs = tables.from_records(instances, meta, accepts_missing)
+    elif meta.is_tabular:
+        inputs = tables.from_rows(instances, meta, accepts_missing)
+    else:
+        X = as_float_matrix(instances, len(meta.features), accepts_missing, '"instances"')
+        inputs = model_input(X, meta)
+    return DecodedRequest(inputs, (output,), classes=meta.classes if by_label else None)
+
+
+def answer_options(parameters: Any, meta: ModelMetadata) -> tuple[str, bool]:
+    """The ``output`` asked for and whether probabilities are keyed by label."""
+    parameters = parameters or {}
     if not isinstance(parameters, dict):
         raise BadInput('"parameters" must be an object')
-    output = parameters.get("output", "predict")
-    (output,) = check_outputs([output], meta.is_classifier)
-    if isinstance(instances[0], dict):
-        if not all(isinstance(row, dict) for row in instances):
-            raise BadInput('"instances" mixes objects and lists; use one form')
-        names = meta.feature_names
-        columns_to_matrix(instances[0], names, "instances[0]")  # names the bad keys
-        try:
-            rows = [[row[f] for f in names] for row in instances]
-        except KeyError as exc:
-            raise BadInput(f"an instance lacks feature {exc.args[0]!r}", "feature_names") from None
-        if any(len(row) != len(names) for row in instances):
-            raise BadInput(f"an instance has features beyond {names}", "feature_names")
-        instances = rows
-    X = as_float_matrix(instances, len(meta.features), accepts_missing, '"instances"')
-    return DecodedRequest(model_input(X, meta), (output,))
+    (output,) = check_outputs([parameters.get("output", "predict")], meta.is_classifier)
+    by_label = parameters.get("labels", False)
+    if not isinstance(by_label, bool):
+        raise BadInput('"labels" must be true or false')
+    if by_label and output != "predict_proba":
+        raise BadInput('"labels": true keys probabilities by class label: ask for "output": "predict_proba"')
+    return output, by_label
+
+
+def predictions(answer: Answer, request: DecodedRequest):
+    """The requested output, row by row; probabilities keyed by label when asked."""
+    values = answer.outputs[request.outputs[0]]
+    if request.classes is not None:
+        labels = [str(c) if not isinstance(c, (str, int, float, bool)) else c for c in request.classes]
+        return [dict(zip(labels, row)) for row in values.tolist()]
+    return jsonable(values)
 
 
 def encode_response(answer: Answer, request: DecodedRequest) -> dict[str, Any]:
-    return {"predictions": jsonable(answer.outputs[request.outputs[0]])}
+    return {"predictions": predictions(answer, request)}
 
 
 def encode_explanation(answer: Answer, request: DecodedRequest) -> dict[str, Any]:

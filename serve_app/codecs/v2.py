@@ -1,8 +1,13 @@
 """Open Inference Protocol (KServe V2 / Triton) REST, JSON tensors.
 
 Inputs are accepted in two layouts:
-- one tensor of shape ``[N, F]`` (features in the model's order; ``[F]`` is one row);
-- one tensor per feature, named after it, of shape ``[N]`` or ``[N, 1]`` (columnar).
+- one tensor of shape ``[N, F]`` (features in the model's order; ``[F]`` is one row), for
+  numeric models;
+- one tensor per feature, named after it, of shape ``[N]`` or ``[N, 1]`` (columnar), for every
+  model: strings as ``BYTES`` (JSON strings, or the binary extension's length-prefixed
+  elements), as KServe's and MLServer's pandas codecs and ``tritonclient`` send them. The
+  columns are checked against the stored schema (:mod:`serve_app.codecs.tables`); a request's
+  ``parameters.content_type: "pd"`` (the pandas codecs' mark) is what this layout is.
 ``data`` may be flat (row-major) or nested. Outputs: ``predict`` (shape ``[N]``) and, for
 classifiers, ``predict_proba`` (``[N, C]``), chosen through the request's ``outputs``.
 """
@@ -14,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.codecs.tensors import (DecodedRequest, check_finite, columns_to_matrix, jsonable, model_input,
-                                     numbers_or_null)
+from serve_app.codecs import tables
+from serve_app.codecs.tensors import DecodedRequest, check_finite, jsonable, model_input, numbers_or_null
 from serve_app.errors import BadInput
 from serve_app.metadata import ModelMetadata
 from serve_app.serving.interface import Answer
@@ -31,6 +36,9 @@ DATATYPES: dict[str, tuple[type, str]] = {
     **{name: (dtype, "iuf") for name, dtype in _FLOATS.items()},
 }
 _NUMPY_TO_V2 = {np.dtype(dt): name for name, (dt, _) in DATATYPES.items()}
+BYTES = "BYTES"
+# What a schema's feature type is on the V2 wire (model metadata).
+FEATURE_DATATYPES = {"float64": "FP64", "int64": "INT64", "bool": "BOOL", "string": BYTES, "category": BYTES}
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -48,15 +56,18 @@ def decode_tensor(tensor: Any, index: int) -> tuple[str, np.ndarray]:
     if missing:
         raise BadInput(f"{where} lacks {missing}")
     name, shape, datatype, data = (tensor[k] for k in ("name", "shape", "datatype", "data"))
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
+    if not isinstance(datatype, str) or (datatype not in DATATYPES and datatype != BYTES):
         raise BadInput(
-            f"{where} ({name}): unsupported datatype {datatype!r}; use one of {sorted(DATATYPES)}", "wrong_type"
+            f"{where} ({name}): unsupported datatype {datatype!r}; use one of {sorted([*DATATYPES, BYTES])}",
+            "wrong_type"
         )
     if (not isinstance(shape, list) or not shape
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise BadInput(f"{where} ({name}): shape must be a list of non-negative integers")
-    dtype, kinds = DATATYPES[datatype]
     label = f"{where} ({name})"
+    if datatype == BYTES:
+        return str(name), decode_strings(data, shape, label)
+    dtype, kinds = DATATYPES[datatype]
     try:
         values = np.asarray(data)
     except ValueError:
@@ -82,6 +93,36 @@ def decode_tensor(tensor: Any, index: int) -> tuple[str, np.ndarray]:
         raise BadInput(f"{label}: shape {shape} is not a usable tensor shape", "wrong_shape") from None
 
 
+def decode_strings(data: Any, shape: list[int], label: str) -> np.ndarray:
+    """A BYTES tensor's elements as an object array of str (None: missing) of its shape."""
+    if isinstance(data, np.ndarray):  # the binary extension's, already decoded
+        values = data
+    else:
+        flat = _flatten(data, label)
+        if not all(isinstance(v, str) or v is None for v in flat):
+            raise BadInput(f"{label}: BYTES data must be strings", "wrong_type")
+        values = np.empty(len(flat), dtype=object)
+        values[:] = flat
+    if values.size != math.prod(shape):
+        raise BadInput(f"{label}: shape {shape} needs {math.prod(shape)} values, data has {values.size}",
+                       "wrong_shape")
+    try:
+        return values.reshape(shape)
+    except ValueError:
+        raise BadInput(f"{label}: shape {shape} is not a usable tensor shape", "wrong_shape") from None
+
+
+def _flatten(data: Any, label: str) -> list:
+    """Nested lists of elements, row-major, as one list; a ragged nesting is refused."""
+    if not isinstance(data, list):
+        return [data]
+    if not any(isinstance(v, list) for v in data):
+        return data
+    if not all(isinstance(v, list) for v in data) or len({len(v) for v in data}) != 1:
+        raise BadInput(f"{label}: nested data is ragged", "wrong_shape")
+    return [item for v in data for item in _flatten(v, label)]
+
+
 def only_integers(data: Any) -> bool:
     """Whether every value is a JSON integer. numpy reads ints beyond int64 beside smaller
     ones as float64 (losing digits) or as objects, so this rare path looks at the values."""
@@ -97,8 +138,10 @@ def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> Dec
         raise BadInput('"inputs" must be a non-empty list of tensors')
     tensors = [decode_tensor(t, i) for i, t in enumerate(inputs)]
     n_features = len(meta.features)
-    if len(tensors) == 1 and tensors[0][0] not in meta.feature_names:
+    if len(tensors) == 1 and tensors[0][0] not in meta.feature_names and not meta.is_tabular:
         name, X = tensors[0]
+        if X.dtype == object:
+            raise BadInput(f"input {name!r}: the model's features are numbers, got BYTES", "wrong_type")
         if X.ndim == 1 and X.shape[0] == n_features:
             X = X.reshape(1, -1)
         if X.ndim != 2 or X.shape[1] != n_features:
@@ -106,23 +149,20 @@ def decode_request(body: Any, meta: ModelMetadata, accepts_missing: bool) -> Dec
                 f"input {name!r}: expected shape [N, {n_features}] (features in model order), "
                 f"got {list(X.shape)}", "wrong_shape"
             )
+        inputs = model_input(check_finite(X.astype(np.float64, copy=False), accepts_missing, "inputs"), meta)
     else:
         by_name = dict(tensors)
         if len(by_name) != len(tensors):
             raise BadInput("input tensor names must be unique")
-        columns = columns_to_matrix(by_name, meta.feature_names, "inputs")
-        if any(c.ndim > 2 or (c.ndim == 2 and c.shape[1] != 1) for c in columns):
+        tables.check_names(by_name, meta.feature_names, "inputs")
+        if any(c.ndim > 2 or (c.ndim == 2 and c.shape[1] != 1) for c in by_name.values()):
             raise BadInput("per-feature inputs must have shape [N] or [N, 1]", "wrong_shape")
-        lengths = {c.shape[0] for c in columns}
-        if len(lengths) != 1:
-            raise BadInput(f"per-feature inputs differ in length: {sorted(lengths)}", "wrong_shape")
-        X = np.column_stack([c.reshape(-1) for c in columns])
-    X = check_finite(X.astype(np.float64, copy=False), accepts_missing, "inputs")
+        inputs = tables.from_columns({n: c.reshape(-1) for n, c in by_name.items()}, meta, accepts_missing)
     requested = body.get("outputs") or [{"name": "predict"}]
     if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
         raise BadInput('"outputs" must be a list of {"name": ...} objects')
     outputs = check_outputs([o["name"] for o in requested], meta.is_classifier)
-    return DecodedRequest(model_input(X, meta), outputs, body.get("id"))
+    return DecodedRequest(inputs, outputs, body.get("id"))
 
 
 def encode_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
@@ -149,16 +189,26 @@ def encode_response(name: str, answer: Answer, request: DecodedRequest) -> dict[
 
 
 def model_metadata(meta: ModelMetadata) -> dict[str, Any]:
-    """The V2 model metadata response: one ``[-1, F]`` FP64 input, and the outputs."""
+    """The V2 model metadata response: a numeric model's one ``[-1, F]`` FP64 input, or one
+    input per column (datatype, categories) for a mixed-type model; and the outputs."""
     label_type = datatype_of(np.asarray(meta.classes)) if meta.is_classifier else "FP64"
     outputs = [{"name": "predict", "datatype": label_type, "shape": [-1]}]
     if meta.is_classifier:
-        outputs.append({"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(meta.classes or [])]})
+        outputs.append({"name": "predict_proba", "datatype": "FP64", "shape": [-1, len(meta.classes or [])],
+                        "parameters": {"classes": meta.classes}})
+    if meta.is_tabular:
+        inputs = [{"name": f.name, "datatype": FEATURE_DATATYPES[f.dtype], "shape": [-1],
+                   "parameters": {"dtype": f.dtype, "nullable": f.nullable,
+                                  **({"categories": f.categories} if f.categories is not None else {})}}
+                  for f in meta.features]
+    else:
+        inputs = [{"name": "input-0", "datatype": "FP64", "shape": [-1, len(meta.features)],
+                   "parameters": {"feature_names": meta.feature_names}}]
     return {
         "name": meta.name,
         "versions": [meta.version],
         "platform": meta.framework,
-        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, len(meta.features)],
-                    "parameters": {"feature_names": meta.feature_names}}],
+        "inputs": inputs,
         "outputs": outputs,
+        "parameters": {"content_type": "pd" if meta.is_tabular else "np", "example": meta.example},
     }

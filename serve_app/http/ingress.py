@@ -1,4 +1,4 @@
-"""The HTTP ingress: KServe V1 and Open Inference Protocol V2 routes.
+"""The HTTP ingress: KServe V1, Open Inference Protocol V2 and MLflow scoring routes.
 
 Each route reads its body, decodes it with a codec, asks the registry which worker answers,
 and encodes the answer, inside the request lifecycle (:mod:`serve_app.http.lifecycle`) that
@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from serve_app import __version__
-from serve_app.codecs import v1, v2
+from serve_app.codecs import mlflow, v1, v2
 from serve_app.config import AppConfig
 from serve_app.deployments.handles import DEPLOYMENT_OPTIONS
 from serve_app.deployments.placement import DeploymentPlacement
@@ -43,6 +43,14 @@ from serve_app.store import ModelStore
 
 logger = logging.getLogger("ray.serve")
 SERVER_NAME = "serve-app"
+# MLflow's scoring bodies, for /docs (serve_app/codecs/mlflow.py).
+MLFLOW_REQUEST = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "properties": {
+        "dataframe_split": {"type": "object", "properties": {
+            "columns": {"type": "array", "items": {"type": "string"}}, "data": {"type": "array"}}},
+        "dataframe_records": {"type": "array", "items": {"type": "object"}},
+        "instances": {"type": "array"}, "inputs": {}, "params": {"type": "object"}}}},
+    "text/csv": {"schema": {"type": "string"}}}}}
 # How long a reload request waits for every replica to reload.
 RELOAD_TIMEOUT_S = 60.0
 
@@ -179,6 +187,22 @@ class ModelServer:
             decoded = v2.decode_request(body, worker.meta, worker.accepts_missing)
             answer = await worker.infer(decoded.inputs, decoded.outputs)
             scope.reply(v2_response(v2.encode_response(name, answer, decoded), binary_outputs), answer.version)
+        return scope.response
+
+    # -- MLflow's scoring protocol ---------------------------------------------------------------
+    @route("POST", "/invocations", "/v1/models/{name}/invocations", "/v1/models/{name}/versions/{version}/invocations",
+           fast=True, tags=["MLflow"], openapi_extra=MLFLOW_REQUEST)
+    async def mlflow_invocations(self, request: Request, name: str | None = None,
+                                 version: str | None = None) -> Response:
+        """MLflow's ``/invocations`` (JSON dataframe_split/records, instances, inputs; CSV);
+        without a model in the path, the config's ``invocations_model``."""
+        name = name or self.config.default_invocations_model
+        async with self._scope(request, "mlflow", name) as scope:
+            worker = await self.registry.for_inference(name, version, request.headers.get("x-request-id"))
+            body = await bodies.read(request, self._limit)
+            decoded = mlflow.decode_request(body, bodies.content_type(request), worker.meta, worker.accepts_missing)
+            answer = await worker.infer(decoded.inputs, decoded.outputs)
+            scope.reply(mlflow.encode_response(answer, decoded), answer.version)
         return scope.response
 
     # -- model repository (the V2 repository extension, as Triton and MLServer speak it) ------

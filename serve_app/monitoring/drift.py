@@ -10,7 +10,8 @@ into the first or last bin) and computes, per feature::
     PSI = sum_over_bins (actual - expected) * ln(actual / expected)
 
 with both shares floored at ``EPSILON`` so empty bins stay finite. Missing values (NaN, which
-XGBoost models accept) are left out. Rule of thumb, used by the alert: below 0.1 no shift,
+XGBoost models accept) are left out. Category and string columns with known categories get the
+same PSI over their categories' shares, plus one bin for values never seen in training. Rule of thumb, used by the alert: below 0.1 no shift,
 0.1-0.2 moderate, above ``PSI_ALERT_THRESHOLD`` (0.2) a significant shift. A window smaller
 than ``min_rows`` reports nothing: with few rows the sampling noise alone would look like drift
 (with N rows and 10 bins, in-distribution PSI is about 9/N on average).
@@ -49,29 +50,50 @@ def bin_shares(values: np.ndarray, edges: np.ndarray) -> np.ndarray | None:
     return np.bincount(index, minlength=n_bins) / values.size
 
 
+def category_shares(codes: np.ndarray, bins: int) -> np.ndarray | None:
+    """Share of each category index (NaN, missing, dropped; the last bin: unseen values)."""
+    codes = codes[~np.isnan(codes)]
+    if codes.size == 0:
+        return None
+    return np.bincount(codes.astype(np.int64), minlength=bins) / codes.size
+
+
 @dataclass(frozen=True)
 class FeatureReference:
+    """A numeric feature's decile ``edges`` and training ``shares``; a categorical one's
+    ``categories`` and training shares, with one more bin, always 0 in training, for values
+    never seen in training."""
+
     name: str
-    edges: np.ndarray
     shares: np.ndarray
+    edges: np.ndarray | None = None
+    categories: tuple | None = None
+
+
+def _reference(name: str, stats: dict) -> FeatureReference | None:
+    if "bin_edges" in stats:
+        return FeatureReference(name, np.asarray(stats["bin_fractions"], dtype=np.float64),
+                                edges=np.asarray(stats["bin_edges"], dtype=np.float64))
+    if "categories" in stats:
+        return FeatureReference(name, np.append(np.asarray(stats["category_fractions"], dtype=np.float64), 0.0),
+                                categories=tuple(stats["categories"]))
+    return None
 
 
 class DriftMonitor:
     """Per-replica sliding window of inputs and the PSI of each feature against training.
 
     :meth:`observe` is the only call on the request path: one vectorised copy into a
-    preallocated ring buffer. :meth:`snapshot` copies the window (on the event loop, so it is
-    consistent), and :meth:`compute` does the binning anywhere (a worker thread).
+    preallocated ring buffer (category columns are held as the index of their category,
+    ``len(categories)`` for an unseen value, NaN for a missing one). :meth:`snapshot` copies
+    the window (on the event loop, so it is consistent), and :meth:`compute` does the binning
+    anywhere (a worker thread).
     """
 
     def __init__(self, meta: ModelMetadata, window_rows: int = 1000, min_rows: int = 200,
                  interval_s: float = 10.0):
-        self.references = [
-            FeatureReference(f.name, np.asarray(meta.reference_stats[f.name]["bin_edges"], dtype=np.float64),
-                             np.asarray(meta.reference_stats[f.name]["bin_fractions"], dtype=np.float64))
-            for f in meta.features
-            if f.name in meta.reference_stats
-        ]
+        self.references = [ref for f in meta.features
+                           if (ref := _reference(f.name, meta.reference_stats.get(f.name, {}))) is not None]
         self.columns = [meta.feature_names.index(r.name) for r in self.references]
         self.enabled = bool(self.references) and window_rows > 0
         self.window_rows, self.min_rows, self.interval_s = window_rows, min_rows, interval_s
@@ -80,10 +102,36 @@ class DriftMonitor:
         self._filled = 0    # rows held (<= window_rows)
         self._last_compute = time.monotonic()
         self.computing = False
+        self._encoders = None  # column -> category index, built on the first frame
 
-    def observe(self, X: np.ndarray) -> None:
+    def observe(self, inputs) -> None:
+        """Keep the rows of a ``ModelInput`` (or a float matrix) in the window."""
         if not self.enabled:
             return
+        X = inputs if isinstance(inputs, np.ndarray) else inputs.matrix
+        if X is None:
+            X = self._encode(inputs.frame.tail(self.window_rows))
+        self._append(X)
+
+    def _encode(self, frame) -> np.ndarray:
+        """A frame's rows as numbers: numeric columns as floats, category columns as indexes."""
+        import pandas as pd
+
+        if self._encoders is None:
+            self._encoders = {ref.name: pd.Index(ref.categories) for ref in self.references if ref.categories}
+        X = np.full((len(frame), self._buffer.shape[1]), np.nan)
+        for ref, column in zip(self.references, self.columns):
+            values = frame.iloc[:, column]
+            if ref.categories is None:
+                X[:, column] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+                continue
+            index = self._encoders[ref.name].get_indexer(values).astype(np.float64)
+            index[index < 0] = len(ref.categories)
+            index[values.isna().to_numpy()] = np.nan
+            X[:, column] = index
+        return X
+
+    def _append(self, X: np.ndarray) -> None:
         rows = X[-self.window_rows:]
         n = rows.shape[0]
         end = self._next + n
@@ -110,7 +158,9 @@ class DriftMonitor:
         """PSI per feature for a window of rows (features in model order)."""
         scores = {}
         for ref, column in zip(self.references, self.columns):
-            shares = bin_shares(window[:, column], ref.edges)
+            values = window[:, column]
+            shares = (bin_shares(values, ref.edges) if ref.categories is None
+                      else category_shares(values, len(ref.shares)))
             if shares is not None:
                 scores[ref.name] = psi(ref.shares, shares)
         return scores

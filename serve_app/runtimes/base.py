@@ -1,7 +1,8 @@
 """The model runtime interface: one small class per framework.
 
 A runtime turns verified artifact bytes into something that answers ``predict`` and
-``predict_proba`` on a 2-D float array. Everything protocol-shaped (JSON, V1/V2 tensors)
+``predict_proba`` on a 2-D float array, or on a pandas DataFrame for models fitted on one
+(:meth:`ModelRuntime.prepare` gives it the training dtypes). Everything protocol-shaped (JSON, V1/V2 tensors)
 stays in :mod:`serve_app.codecs`; everything transport-shaped stays in :mod:`serve_app.app`.
 Runtimes register themselves by framework name, so the serving path looks a runtime up
 once at load time and never branches on the framework per request.
@@ -10,6 +11,7 @@ once at load time and never branches on the framework per request.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -80,6 +82,18 @@ class ModelRuntime(ABC):
     def __init__(self, model: Any, metadata: ModelMetadata):
         self.model = model
         self.meta = metadata
+        self._categories = {f.name: f.categories for f in metadata.features if f.dtype == "category"}
+
+    def prepare(self, data):
+        """What the model predicts on, from a ``ModelInput``'s ``data``: a matrix as it is; a
+        frame with its category columns in the training categories (the codes the model was
+        fitted with; a value outside them, where allowed, is missing)."""
+        if self._categories and not isinstance(data, np.ndarray):
+            import pandas as pd
+
+            data = data.assign(**{name: pd.Categorical(data[name], categories=categories)
+                                  for name, categories in self._categories.items()})
+        return data
 
     @classmethod
     @abstractmethod
@@ -92,22 +106,45 @@ class ModelRuntime(ABC):
         """A runtime from artifact bytes whose sha256 the store already verified."""
 
     @abstractmethod
-    def predict(self, X: np.ndarray) -> np.ndarray:
+    def predict(self, X) -> np.ndarray:
         """Class labels (classifiers) or values (regressors), one per row."""
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+    def predict_proba(self, X) -> np.ndarray:
         """Per-class probabilities, columns ordered as ``metadata.classes``."""
         raise UnsupportedOutput(
             f"model {self.meta.name!r} is a {self.meta.task} model and has no probabilities"
         )
 
-    def explain(self, X: np.ndarray) -> Explanation:
+    def explain(self, X) -> Explanation:
         """Per-feature contributions (see :class:`Explanation`)."""
         raise UnsupportedOutput(f"model {self.meta.name!r} has no explanation method")
 
-    def margin(self, X: np.ndarray) -> np.ndarray:
+    def margin(self, X) -> np.ndarray:
         """The raw output :meth:`explain` decomposes, shaped (rows, outputs)."""
         raise UnsupportedOutput(f"model {self.meta.name!r} has no explanation method")
 
     def metadata(self) -> dict[str, Any]:
         return self.meta.to_dict()
+
+
+@contextmanager
+def client_values(metadata: ModelMetadata):
+    """The input passed the schema's checks, so a model that raises on it raises on the
+    client's values: a 400 with the model's own message, not a server error.
+
+    - Each step of a pipeline re-validates its input, so a finite but huge value that a scaler
+      turns into inf fails the next step's check: ``non_finite``.
+    - A user's pipeline refusing values its author did not foresee (an encoder with
+      ``handle_unknown="error"``, a custom check): ``rejected_by_model``, with its message.
+    """
+    try:
+        yield
+    except BadInput:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        message = str(exc)
+        if "contains infinity" in message or ("contains NaN" in message and not metadata.is_tabular):
+            raise BadInput(f"{metadata.name}: input values too large for this model: they overflow to "
+                           "infinity or NaN inside it", "non_finite") from None
+        raise BadInput(f"{metadata.name}: the model refused these values: {type(exc).__name__}: {message}",
+                       "rejected_by_model") from None

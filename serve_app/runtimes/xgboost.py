@@ -13,7 +13,8 @@ import numpy as np
 import xgboost as xgb
 
 from serve_app.metadata import ModelMetadata, labels_from_probabilities
-from serve_app.runtimes.base import ArtifactError, Explanation, ModelRuntime, margin_output_names, register_runtime
+from serve_app.runtimes.base import (ArtifactError, Explanation, ModelRuntime, client_values, margin_output_names,
+                                    register_runtime)
 
 
 @register_runtime
@@ -43,15 +44,16 @@ class XGBoostRuntime(ModelRuntime):
             raise ArtifactError(f"{metadata.name}: not a readable XGBoost model: {exc}") from exc
         return cls(booster, metadata)
 
-    def _raw(self, X: np.ndarray) -> np.ndarray:
-        return self.model.inplace_predict(X, validate_features=False)
+    def _raw(self, X) -> np.ndarray:
+        with client_values(self.meta):
+            return self.model.inplace_predict(X, validate_features=False)
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
+    def predict(self, X) -> np.ndarray:
         if not self.meta.is_classifier:
             return self._raw(X)
         return labels_from_probabilities(self.classes, self.predict_proba(X))
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+    def predict_proba(self, X) -> np.ndarray:
         if not self.meta.is_classifier:
             return super().predict_proba(X)
         raw = self._raw(X)
@@ -59,14 +61,17 @@ class XGBoostRuntime(ModelRuntime):
             return np.column_stack([1.0 - raw, raw])
         return raw
 
-    def margin(self, X: np.ndarray) -> np.ndarray:
-        raw = self.model.inplace_predict(X, predict_type="margin", validate_features=False)
+    def margin(self, X) -> np.ndarray:
+        with client_values(self.meta):
+            raw = self.model.inplace_predict(X, predict_type="margin", validate_features=False)
         return raw.reshape(len(X), -1)
 
-    def explain(self, X: np.ndarray) -> Explanation:
-        """XGBoost's own TreeSHAP (``pred_contribs``): exact Shapley values of the trees."""
-        contribs = self.model.predict(xgb.DMatrix(X, missing=np.nan), pred_contribs=True,
-                                      validate_features=False)
+    def explain(self, X) -> Explanation:
+        """XGBoost's own TreeSHAP (``pred_contribs``): exact Shapley values of the trees, one per
+        original column (a native categorical column gets one contribution, not one per value)."""
+        with client_values(self.meta):
+            contribs = self.model.predict(xgb.DMatrix(X, missing=np.nan, enable_categorical=self.meta.is_tabular),
+                                          pred_contribs=True, validate_features=False)
         contribs = contribs.reshape(len(X), -1, X.shape[1] + 1)  # (rows, outputs, features + bias)
         return Explanation(contributions=contribs[:, :, :-1], bias=contribs[:, :, -1],
                            outputs=margin_output_names(self.classes, contribs.shape[1]),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -22,27 +22,39 @@ from serve_app.metadata import ModelMetadata
 from serve_app.runtimes.base import Explanation
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelInput:
-    """Validated rows for one model, features in the model's order.
+    """Validated rows for one model, features in the model's order, in one of two forms.
 
-    Every feature the models serve today is numeric, so the rows are one float64 matrix: the
-    form the runtimes predict on without a copy. A model with string or categorical columns
-    adds a typed-column form here; codecs build a ``ModelInput`` and runtimes read it, so
-    that change stays between those two.
+    - ``matrix``: one float64 array, for numeric models: what the runtimes predict on without
+      a copy, and what every all-numeric request becomes (no DataFrame is built).
+    - ``frame``: a pandas DataFrame, for models fitted on one (``input_form: frame``): numbers
+      and booleans as such, string and category columns as Python strings (NaN: missing). The
+      runtime gives category columns their training categories (``ModelRuntime.prepare``),
+      so batches concatenate plain columns and drift sees the values that were sent.
     """
 
     feature_names: tuple[str, ...]
-    matrix: np.ndarray  # float64, (rows, len(feature_names))
+    matrix: np.ndarray | None = None  # float64, (rows, len(feature_names))
+    frame: Any = None                 # pandas.DataFrame, columns = feature_names
+
+    @property
+    def data(self):
+        """What the runtime predicts on: the matrix or the frame."""
+        return self.matrix if self.frame is None else self.frame
 
     @property
     def rows(self) -> int:
-        return self.matrix.shape[0]
+        return self.matrix.shape[0] if self.frame is None else len(self.frame)
 
     @classmethod
     def concat(cls, parts: Sequence["ModelInput"]) -> "ModelInput":
-        """Several requests' rows as one batch (same model, so the same features)."""
-        return cls(parts[0].feature_names, np.concatenate([p.matrix for p in parts]))
+        """Several requests' rows as one batch (same model, so the same features and form)."""
+        if parts[0].frame is None:
+            return cls(parts[0].feature_names, np.concatenate([p.matrix for p in parts]))
+        import pandas as pd
+
+        return cls(parts[0].feature_names, frame=pd.concat([p.frame for p in parts], ignore_index=True))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 from ray import serve
 
+from serve_app.codecs.tables import typical_row
 from serve_app.config import ModelSpec
 from serve_app.metadata import labels_from_probabilities
 from serve_app.monitoring.drift import DriftMonitor
@@ -100,7 +101,7 @@ class ModelWorker(Worker):
 
     # -- the request path -----------------------------------------------------------------
     async def infer(self, inputs: ModelInput, outputs: tuple[str, ...]) -> Answer:
-        self.drift.observe(inputs.matrix)
+        self.drift.observe(inputs)
         if self.drift.due():
             self._start_drift_update()
         if wants_explanation(outputs):
@@ -174,7 +175,7 @@ class ModelWorker(Worker):
                     self._call_seconds = took if average is None else 0.9 * average + 0.1 * took
 
     def _results(self, inputs: ModelInput, outputs: Sequence[str], started: float) -> Outputs:
-        X, results = inputs.matrix, {}
+        X, results = self.runtime.prepare(inputs.data), {}
         if "predict_proba" in outputs and self.meta.is_classifier:
             proba = np.asarray(self.runtime.predict_proba(X), dtype=np.float64)
             results["predict_proba"] = proba
@@ -189,22 +190,24 @@ class ModelWorker(Worker):
     async def _explain(self, inputs: ModelInput, outputs: tuple[str, ...]) -> Answer:
         """Explanations are heavier than predictions and have their own shape: they run on the
         model thread directly, not through the batching queue; predictions asked alongside do."""
-        explanation = await self._on_model_thread(self.runtime.explain, inputs.matrix)
+        explanation = await self._on_model_thread(self._explanation, inputs)
         results = {"contributions": explanation.contributions, "bias": explanation.bias}
         rest = tuple(o for o in outputs if o not in EXPLANATION_OUTPUTS)
         if rest:
             results.update(await self._predict(inputs, rest))
         return Answer(results, self.meta.version, explanation)
 
+    def _explanation(self, inputs: ModelInput):
+        return self.runtime.explain(self.runtime.prepare(inputs.data))
+
     async def _on_model_thread(self, fn, *args):
         """``fn(*args)`` on this model's own thread, awaited without blocking the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
     # -- health and drift -----------------------------------------------------------------
-    def _reference_row(self) -> np.ndarray:
-        """One typical input (training means) for health probes."""
-        stats = self.meta.reference_stats
-        return np.array([[stats.get(f, {}).get("mean", 0.0) for f in self.meta.feature_names]])
+    def _reference_row(self):
+        """One typical input for health probes, as the model takes it."""
+        return self.runtime.prepare(typical_row(self.meta).data)
 
     async def check(self) -> None:
         """Raise unless the model still predicts: one row through the model, outside the
