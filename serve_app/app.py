@@ -15,14 +15,14 @@ from serve_app.deployments.dedicated import DedicatedModel
 from serve_app.deployments.multiplexed import MultiplexedModels
 from serve_app.http.ingress import ModelServer
 from serve_app.store import ModelStore
-from serve_app.tools.train import DEMO_MODELS, ensure_models
+from serve_app.tools.train import demo_names, ensure_models
 
 
 def build_app(args: dict) -> serve.Application:
     """The Serve application for ``args`` (see :class:`serve_app.config.AppConfig`)."""
     config = AppConfig.model_validate(args)
     if config.train_if_missing:
-        ensure_models(ModelStore(config.store), [m.name for m in config.models if m.name in DEMO_MODELS])
+        ensure_models(ModelStore(config.store), [m.name for m in config.models if m.name in demo_names()])
     dedicated = {
         spec.name: DedicatedModel.options(name=spec.deployment_name).bind(config.store, spec)
         for spec in config.models

@@ -119,7 +119,8 @@ def test_the_ingress_declares_its_inference_routes_fast_and_fastapi_documents_ev
     server = object.__new__(ModelServer.func_or_class)  # routes only: nothing is started
     routes = declared_routes(server)
     fast = sorted(path for spec, _ in routes if spec.fast for path in spec.paths)
-    assert fast == ["/v1/models/{name}/versions/{version}:predict", "/v1/models/{name}:predict",
+    assert fast == ["/invocations", "/v1/models/{name}/invocations", "/v1/models/{name}/versions/{version}/invocations",
+                    "/v1/models/{name}/versions/{version}:predict", "/v1/models/{name}:predict",
                     "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"]
     paths = fastapi_app(server).openapi()["paths"]
     assert {path for spec, _ in routes for path in spec.paths} == set(paths)

@@ -94,7 +94,7 @@ def _some(rows: Any, what: str) -> list:
 
 def csv_input(body: bytes, meta: ModelMetadata, accepts_missing: bool):
     """A CSV body's rows: pandas parses, the schema decides which columns stay text."""
-    import pandas as pd
+    import pandas as pd  # only CSV bodies (and mixed-type models) pay for pandas
 
     text_columns = {f.name: str for f in meta.features if f.is_textual}
     try:

@@ -115,7 +115,7 @@ class DriftMonitor:
 
     def _encode(self, frame) -> np.ndarray:
         """A frame's rows as numbers: numeric columns as floats, category columns as indexes."""
-        import pandas as pd
+        import pandas as pd  # only mixed-type models pay for pandas
 
         if self._encoders is None:
             self._encoders = {ref.name: pd.Index(ref.categories) for ref in self.references if ref.categories}

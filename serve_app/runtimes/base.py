@@ -89,7 +89,7 @@ class ModelRuntime(ABC):
         frame with its category columns in the training categories (the codes the model was
         fitted with; a value outside them, where allowed, is missing)."""
         if self._categories and not isinstance(data, np.ndarray):
-            import pandas as pd
+            import pandas as pd  # only mixed-type models pay for pandas
 
             data = data.assign(**{name: pd.Categorical(data[name], categories=categories)
                                   for name, categories in self._categories.items()})

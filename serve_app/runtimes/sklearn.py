@@ -10,6 +10,7 @@ in an artifact refuses to load and the error names the offending types.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import skops.io as sio
@@ -39,6 +40,12 @@ TRUSTED_TYPES = frozenset(
         "sklearn.utils.validation.check_array",
     }
 )
+
+
+# A pipeline fitted on an all-numeric DataFrame is served the float matrix (the fast path) once
+# publish() has checked it answers the same; the request's columns were checked by name, so
+# scikit-learn's per-call warning about the matrix having no feature names says nothing.
+warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
 
 
 def trusted_types() -> frozenset[str]:

@@ -52,7 +52,7 @@ class ModelInput:
         """Several requests' rows as one batch (same model, so the same features and form)."""
         if parts[0].frame is None:
             return cls(parts[0].feature_names, np.concatenate([p.matrix for p in parts]))
-        import pandas as pd
+        import pandas as pd  # only mixed-type models pay for pandas
 
         return cls(parts[0].feature_names, frame=pd.concat([p.frame for p in parts], ignore_index=True))
 

@@ -1,9 +1,12 @@
-"""Train the demo models on scikit-learn's bundled datasets and write them to the store.
+"""Train the demo models and publish them to the store (:func:`serve_app.publish`).
 
     python -m serve_app.tools.train [--store PATH|s3://...] [--model iris ...] [--version 2] [--if-missing]
 
-Nothing is downloaded: every dataset ships inside scikit-learn. Each model gets a held-out
-test split, its metrics are printed and recorded in the metadata.
+Nothing is downloaded: the numeric demos use datasets that ship inside scikit-learn; the
+mixed-type demos (``churn``, ``churn-xgb``) a deterministic synthetic customer table generated
+here (:func:`churn_table`): string and category columns, integers, floats, booleans, missing
+values, and string labels. Each model gets a held-out test split, its metrics are printed and
+recorded in the metadata.
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 from sklearn import datasets, metrics
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import train_test_split
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import LabelEncoder, OneHotEncoder, StandardScaler
 from xgboost import XGBClassifier
 
-from serve_app.metadata import Feature, ModelMetadata, reference_statistics
-from serve_app.runtimes import runtime_for
+from serve_app.metadata import ModelMetadata
+from serve_app.publishing import publish
 from serve_app.store import DEFAULT_STORE, ModelStore
 
 
@@ -61,7 +67,87 @@ DEMO_MODELS: dict[str, DemoModel] = {
     "wine": DemoModel(datasets.load_wine, "xgboost", "classification", _xgb_classifier,
                       "Wine cultivar from 13 chemical measurements (XGBClassifier, 3 classes)."),
 }
-DEFAULT_MODELS = ("iris", "breast-cancer", "diabetes")
+
+
+# -- the mixed-type demos: a synthetic customer table ---------------------------------------------
+CHURN_LABELS = ["leave", "stay"]
+CHURN_TEXT_COLUMNS = ["plan", "region", "contract"]
+
+
+def churn_table(rows: int = 4000, seed: int = 0):
+    """Customers of a made-up subscription service and whether they ``leave`` or ``stay``:
+    the kind of table a data scientist fits a pipeline on. Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    plan = rng.choice(["basic", "standard", "premium"], rows, p=[0.5, 0.3, 0.2])
+    contract = rng.choice(["month-to-month", "one-year", "two-year"], rows, p=[0.55, 0.25, 0.2])
+    region = rng.choice(["north", "south", "east", "west"], rows).astype(object)
+    region[rng.random(rows) < 0.03] = None                      # not recorded for some customers
+    tenure = rng.integers(0, 73, rows)
+    base = np.select([plan == "basic", plan == "standard"], [25.0, 55.0], 90.0)
+    charges = np.round(base + rng.normal(0, 8, rows), 2)
+    charges[rng.random(rows) < 0.02] = np.nan                   # a billing-system gap
+    calls = rng.poisson(1.5, rows)
+    paperless = rng.random(rows) < 0.6
+    logit = (-1.0 + 1.4 * (contract == "month-to-month") - 0.9 * (contract == "two-year")
+             - 0.035 * tenure + 0.35 * calls + 0.4 * paperless + 0.5 * (plan == "premium")
+             + 0.3 * (region == "south"))
+    leave = rng.random(rows) < 1 / (1 + np.exp(-logit))
+    frame = pd.DataFrame({"plan": plan, "region": region, "contract": contract, "tenure_months": tenure,
+                          "monthly_charges": charges, "support_calls": calls, "paperless_billing": paperless})
+    return frame, np.where(leave, "leave", "stay")
+
+
+def _churn_pipeline(**params):
+    text = make_pipeline(SimpleImputer(strategy="most_frequent"), OneHotEncoder(handle_unknown="ignore"))
+    numbers = make_pipeline(SimpleImputer(strategy="median"), StandardScaler())
+    prepare = ColumnTransformer([("text", text, CHURN_TEXT_COLUMNS),
+                                 ("numbers", numbers, ["tenure_months", "monthly_charges", "support_calls"]),
+                                 ("flags", "passthrough", ["paperless_billing"])])
+    return Pipeline([("prepare", prepare), ("classify", LogisticRegression(max_iter=1000, **params))])
+
+
+def _churn_xgboost(**params):
+    defaults = dict(n_estimators=80, max_depth=4, learning_rate=0.15, n_jobs=1, enable_categorical=True,
+                    tree_method="hist", max_cat_to_onehot=1)
+    return XGBClassifier(**{**defaults, **params})
+
+
+@dataclass(frozen=True)
+class TableDemo:
+    """A demo fitted on the customer table: category columns as pandas' category dtype for
+    models that take them natively (XGBoost), plain strings for a ColumnTransformer."""
+
+    framework: str
+    make_estimator: Callable[..., Any]
+    categories_as_dtype: bool
+    description: str
+
+
+TABLE_MODELS: dict[str, TableDemo] = {
+    "churn": TableDemo("sklearn", _churn_pipeline, False,
+                       "Whether a customer will leave or stay, from plan, region, contract, tenure, charges, "
+                       "support calls and billing (ColumnTransformer: OneHotEncoder + StandardScaler; "
+                       "LogisticRegression)."),
+    "churn-xgb": TableDemo("xgboost", _churn_xgboost, True,
+                           "Whether a customer will leave or stay (XGBClassifier with native categorical "
+                           "columns)."),
+}
+DEFAULT_MODELS = ("iris", "breast-cancer", "diabetes", "churn", "churn-xgb")
+
+
+def demo_names() -> list[str]:
+    return [*DEMO_MODELS, *TABLE_MODELS]
+
+
+def table_split(name: str, seed: int = 0):
+    """The customer table's train/test split for demo ``name`` (DataFrames and labels)."""
+    frame, labels = churn_table(seed=seed)
+    if TABLE_MODELS[name].categories_as_dtype:
+        frame = frame.astype({c: "category" for c in CHURN_TEXT_COLUMNS})
+    X_train, X_test, y_train, y_test = train_test_split(frame, labels, test_size=0.25, random_state=seed,
+                                                        stratify=labels)
+    return DatasetSplit(X_train.reset_index(drop=True), X_test.reset_index(drop=True), y_train, y_test,
+                        list(frame.columns))
 
 
 def _score(task: str, y_true, y_pred) -> dict[str, float]:
@@ -111,29 +197,35 @@ def train_model(
 ) -> ModelMetadata:
     """Fit demo model ``name`` (estimator overrides in ``params``) and save it as ``version``
     of ``save_as`` (default: ``name``; say, many variants of one dataset's model)."""
+    if name in TABLE_MODELS:
+        return _train_table_model(name, store, version, seed, save_as, **params)
     spec = DEMO_MODELS[name]
     split = dataset_split(name, seed)
     X_train, X_test, y_train, y_test = split.X_train, split.X_test, split.y_train, split.y_test
     feature_names = split.feature_names
     estimator = spec.make_estimator(**params).fit(X_train, y_train)
-    runtime_cls = runtime_for(spec.framework)
-    metadata = ModelMetadata(
-        name=save_as or name,
-        version=str(version),
-        framework=spec.framework,
-        task=spec.task,
-        features=[Feature(f, "float64") for f in feature_names],
-        classes=np.unique(np.concatenate([y_train, y_test])).tolist() if spec.task == "classification" else None,
-        artifact=runtime_cls.artifact_name,
-        sha256="",
-        description=spec.description,
-        reference_stats=reference_statistics(X_train, feature_names),
-    )
-    # Score through the runtime that will serve it, so the recorded metrics are the served model's.
-    artifact = runtime_cls.serialize(estimator)
-    served = runtime_cls.load(artifact, metadata)
-    metadata.metrics = _score(spec.task, y_test, served.predict(X_test))
-    return store.save(metadata, artifact)
+    # publish() checks that the served model answers exactly as this one: the metrics below
+    # are the served model's.
+    return publish(estimator, save_as or name, pd.DataFrame(X_train, columns=feature_names), store=store,
+                   version=str(version), metrics=_score(spec.task, y_test, estimator.predict(X_test)),
+                   description=spec.description)
+
+
+def _train_table_model(name: str, store: ModelStore, version: str, seed: int, save_as: str | None,
+                       **params: Any) -> ModelMetadata:
+    spec = TABLE_MODELS[name]
+    split = table_split(name, seed)
+    if spec.framework == "xgboost":  # XGBoost learns class indexes: 0 is "leave", 1 "stay"
+        estimator = spec.make_estimator(**params).fit(split.X_train, LabelEncoder().fit(CHURN_LABELS)
+                                                      .transform(split.y_train))
+        predicted = np.asarray(CHURN_LABELS)[estimator.predict(split.X_test)]
+        classes = CHURN_LABELS
+    else:
+        estimator = spec.make_estimator(**params).fit(split.X_train, split.y_train)
+        predicted, classes = estimator.predict(split.X_test), None
+    return publish(estimator, save_as or name, split.X_train, store=store, version=str(version),
+                   metrics=_score("classification", split.y_test, predicted), description=spec.description,
+                   classes=classes)
 
 
 def ensure_models(store: ModelStore, names=DEFAULT_MODELS) -> list[ModelMetadata]:
@@ -146,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve_app.tools.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default=DEFAULT_STORE, help="local path or s3://bucket/prefix")
-    parser.add_argument("--model", action="append", choices=sorted(DEMO_MODELS),
+    parser.add_argument("--model", action="append", choices=sorted(demo_names()),
                         help=f"model(s) to train (default: {', '.join(DEFAULT_MODELS)})")
     parser.add_argument("--version", default="1")
     parser.add_argument("--seed", type=int, default=0)
