@@ -9,6 +9,7 @@ examples (or a settings change that cuts them) fails here instead of passing vac
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from serve_app.codecs import v1, v2
+from serve_app.codecs import binary, mlflow, v1, v2
 from serve_app.codecs.tensors import DecodedRequest
 from serve_app.serving.interface import Answer, ModelInput
 from serve_app.serving.outputs import OUTPUTS
@@ -32,6 +33,14 @@ CLASSIFIER = ModelMetadata(
 REGRESSOR = ModelMetadata(
     name="fuzz", version="1", framework="sklearn", task="regression",
     features=[Feature(f) for f in FEATURES], artifact="model.skops", sha256="0" * 64)
+
+# A mixed-type schema (the shape of the churn demo): strings with known values, a pandas
+# category column, integers, floats with missing values, booleans.
+MIXED = ModelMetadata(
+    name="mixed", version="1", framework="sklearn", task="classification", input_form="frame",
+    features=[Feature("plan", "string", ["basic", "premium"]), Feature("region", "category", ["n", "s"], True),
+              Feature("tenure", "int64"), Feature("charges", "float64", nullable=True), Feature("paperless", "bool")],
+    artifact="model.skops", sha256="0" * 64, classes=["leave", "stay"])
 
 # Examples per property; the totals are checked by test_enough_codec_cases_were_generated.
 EXAMPLES = 300
@@ -120,6 +129,39 @@ def valid_v2(draw):
     return body
 
 
+@st.composite
+def mixed_row(draw) -> dict:
+    return {"plan": draw(st.sampled_from(["basic", "premium"])), "region": draw(st.sampled_from(["n", "s", None])),
+            "tenure": draw(st.integers(0, 100)), "charges": draw(st.one_of(st.none(), finite)),
+            "paperless": draw(st.booleans())}
+
+
+@st.composite
+def valid_mixed(draw):
+    """A valid request for MIXED in one of V1's, V2's or MLflow's forms, and its decoder."""
+    rows = draw(st.lists(mixed_row(), min_size=1, max_size=4))
+    names = [f.name for f in MIXED.features]
+    form = draw(st.sampled_from(["v1-records", "v1-rows", "v2-columns", "mlflow-split", "mlflow-records"]))
+    if form == "v1-records":
+        return v1.decode_request, {"instances": rows}
+    if form == "v1-rows":
+        return v1.decode_request, {"instances": [[r[n] for n in names] for r in rows]}
+    if form == "v2-columns":
+        types = {"string": "BYTES", "category": "BYTES", "int64": "INT64", "float64": "FP64", "bool": "BOOL"}
+        return v2.decode_request, {"inputs": [
+            {"name": f.name, "datatype": types[f.dtype], "shape": [len(rows)], "data": [r[f.name] for r in rows]}
+            for f in MIXED.features], "parameters": {"content_type": "pd"}}
+    body = ({"dataframe_split": {"columns": names, "data": [[r[n] for n in names] for r in rows]}}
+            if form == "mlflow-split" else {"dataframe_records": rows})
+    return (lambda b, meta, missing: mlflow.decode_request(json.dumps(b).encode(), "application/json", meta, missing)), body
+
+
+@st.composite
+def mutated_mixed(draw):
+    decode, body = draw(valid_mixed())
+    return decode, draw(mutated(st.just(body)))
+
+
 # -- the property ---------------------------------------------------------------------------
 def assert_valid_or_4xx(decode, body, meta, accepts_missing):
     """A valid float64 [N, F] matrix, or an InferenceError with a 4xx status and a known reason."""
@@ -157,6 +199,53 @@ def test_v1_nearly_valid_bodies_are_a_matrix_or_a_4xx(body, meta, accepts_missin
 def test_v2_nearly_valid_bodies_are_a_matrix_or_a_4xx(body, meta, accepts_missing):
     outcome = assert_valid_or_4xx(v2.decode_request, body, meta, accepts_missing)
     generated[f"v2-{outcome}"] += 1
+
+
+def assert_frame_or_4xx(decode, body, accepts_missing):
+    """Rows of MIXED with every column of its type, or a 4xx with a known reason."""
+    try:
+        frame = decode(body, MIXED, accepts_missing).inputs.frame
+    except InferenceError as exc:
+        assert 400 <= exc.status_code < 500
+        assert exc.reason in REASONS and exc.message and len(exc.message) < MAX_MESSAGE_CHARS + 50
+        return "rejected"
+    assert list(frame.columns) == [f.name for f in MIXED.features] and len(frame) >= 1
+    assert set(frame["plan"]) <= {"basic", "premium"}
+    assert all(isinstance(v, str) or v != v for v in frame["region"])
+    assert frame["tenure"].dtype.kind in "if" and frame["paperless"].dtype.kind in "bf"
+    assert not np.isinf(frame["charges"].to_numpy(dtype=float)).any()
+    return "accepted"
+
+
+@FUZZ
+@given(case=mutated_mixed(), accepts_missing=st.booleans())
+def test_mixed_type_nearly_valid_bodies_are_a_frame_or_a_4xx(case, accepts_missing):
+    decode, body = case
+    generated[f"mixed-{assert_frame_or_4xx(decode, body, accepts_missing)}"] += 1
+
+
+@FUZZ
+@given(body=json_values, accepts_missing=st.booleans())
+def test_any_json_value_for_a_mixed_type_model_is_a_frame_or_a_4xx(body, accepts_missing):
+    for decode in (v1.decode_request, v2.decode_request,
+                   lambda b, meta, missing: mlflow.decode_request(json.dumps(b).encode(), "application/json", meta, missing)):
+        assert_frame_or_4xx(decode, body, accepts_missing)
+    generated["mixed-any-json"] += 1
+
+
+@FUZZ
+@given(raw=st.binary(max_size=64), size_delta=st.integers(-4, 4))
+def test_binary_bytes_elements_are_strings_or_a_4xx(raw, size_delta):
+    """Random bytes as a BYTES tensor of the binary extension (any length prefixes, any text)."""
+    tensor = {"name": "plan", "shape": [1], "datatype": "BYTES",
+              "parameters": {"binary_data_size": max(len(raw) + size_delta, 0)}}
+    header = orjson.dumps({"inputs": [tensor]})
+    try:
+        request = binary.decode_body(header + raw, "", str(len(header)))
+        assert_frame_or_4xx(v2.decode_request, request, True)
+    except InferenceError as exc:
+        assert 400 <= exc.status_code < 500 and exc.reason in REASONS
+    generated["binary-bytes"] += 1
 
 
 # -- round trips ----------------------------------------------------------------------------
@@ -244,4 +333,6 @@ def test_enough_codec_cases_were_generated():
         assert generated[f"{protocol}-accepted"] >= 10, generated
         assert generated[f"{protocol}-accepted"] + generated[f"{protocol}-rejected"] >= EXAMPLES * 0.9
     assert all(generated[f"v2-round-trip-{d}"] >= EXAMPLES // 6 * 0.9 for d in v2.DATATYPES), generated
+    assert generated["mixed-accepted"] >= 10 and generated["mixed-rejected"] >= 10, generated
+    assert generated["mixed-any-json"] >= EXAMPLES * 0.9 and generated["binary-bytes"] >= EXAMPLES * 0.9
     assert sum(generated.values()) >= 6 * EXAMPLES * 0.9, generated
