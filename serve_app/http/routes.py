@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from functools import partial
+from typing import Any, Awaitable, Callable, Mapping
 
 from fastapi import FastAPI
 from starlette.requests import Request
@@ -23,8 +24,10 @@ from starlette.responses import Response
 from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 
+from serve_app.http import openapi_docs
 from serve_app.http.lifecycle import RequestRefused
 from serve_app.http.responses import error_response
+from serve_app.metadata import ModelMetadata
 
 logger = logging.getLogger("ray.serve")
 ROUTE_ATTRIBUTE = "__serve_app_route__"
@@ -60,13 +63,21 @@ def declared_routes(server: object) -> list[tuple[Route, Callable]]:
     return found
 
 
-def build_api(server: object, **fastapi_options: Any) -> FastAPI:
-    """A FastAPI app with every declared route of ``server``."""
-    api = FastAPI(**fastapi_options)
+def build_api(server: object, *, docs_url: str | None = "/docs", redoc_url: str | None = "/redoc",
+              documented_models: Callable[[], Mapping[str, ModelMetadata]] | None = None,
+              **fastapi_options: Any) -> FastAPI:
+    """A FastAPI app with every declared route of ``server``, and ``/docs`` (``/redoc``)
+    served without internet access. ``/openapi.json`` offers an example request per model of
+    ``documented_models()`` (by default: the models ``server``'s registry declares), asked
+    when the schema is first requested (the models are loaded by then)."""
+    api = FastAPI(docs_url=None, redoc_url=None, **fastapi_options)  # FastAPI's pages load a CDN
     for spec, handler in declared_routes(server):
         for path in spec.paths:
             for method in spec.methods:  # one route per method: OpenAPI operation ids stay unique
                 api.add_api_route(path, handler, methods=[method], **spec.options)
+    openapi_docs.complete_schema_lazily(api, documented_models or partial(openapi_docs.declared_models, server),
+                                        partial(openapi_docs.requires_token, server))
+    openapi_docs.serve_docs_pages(api, docs_url, redoc_url)
     return api
 
 
