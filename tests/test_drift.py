@@ -1,15 +1,21 @@
-"""The PSI drift method on real training data (sklearn's breast-cancer set): in-distribution
-windows stay below the alert threshold, shifted ones cross it, and the ring buffer keeps
-exactly the most recent rows."""
+"""The PSI drift method on real training data (sklearn's breast-cancer set, the churn demo's
+mixed-type table): in-distribution windows stay below the alert threshold, shifted ones cross
+it, category columns drift through their shares and an unseen-value bin, and the ring buffer
+keeps exactly the most recent rows."""
 
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 from sklearn.datasets import load_breast_cancer, load_iris
 
-from serve_app.monitoring.drift import PSI_ALERT_THRESHOLD, DriftMonitor, bin_shares, psi
+from serve_app.codecs import tables
 from serve_app.metadata import Feature, ModelMetadata, reference_statistics
+from serve_app.monitoring.drift import PSI_ALERT_THRESHOLD, DriftMonitor, bin_shares, psi
+from serve_app.runtimes import accepts_missing
+from serve_app.store import ModelStore
+from serve_app.tools.train import churn_table, table_split, train_model
 
 
 def metadata_for(X: np.ndarray, names: list[str]) -> ModelMetadata:
@@ -97,3 +103,69 @@ def test_window_zero_turns_drift_off():
     monitor.observe(X)
     assert not monitor.enabled and not monitor.due(now=1e12)
 
+
+
+# -- category columns (the churn demo: string columns with known categories, a boolean) -------------
+TEXT = ["plan", "region", "contract"]
+
+
+@pytest.fixture(scope="module")
+def churn(tmp_path_factory):
+    """The churn model's metadata (unknown categories allowed) and its held-out rows."""
+    meta = train_model("churn", ModelStore(str(tmp_path_factory.mktemp("store"))))
+    assert meta.unknown_categories == "allow"
+    return meta, table_split("churn").X_test
+
+
+def churn_scores(meta, frame, batch=100):
+    """PSI per feature after observing ``frame`` as requests of ``batch`` validated records."""
+    monitor = DriftMonitor(meta, window_rows=len(frame), min_rows=100)
+    for start in range(0, len(frame), batch):
+        records = orjson.loads(frame.iloc[start:start + batch].to_json(orient="records"))
+        monitor.observe(tables.from_records(records, meta, accepts_missing(meta)))
+    return monitor.compute(monitor.snapshot())
+
+
+def test_category_columns_in_distribution_stay_low(churn):
+    meta, rows = churn
+    for frame in (rows, churn_table(rows=1000, seed=7)[0]):  # held-out rows; a fresh draw
+        scores = churn_scores(meta, frame)
+        assert set(scores) == set(meta.feature_names)
+        assert max(scores[c] for c in TEXT) < 0.05, scores
+        assert max(scores.values()) < PSI_ALERT_THRESHOLD, scores
+
+
+def test_a_shifted_category_mix_crosses_the_threshold_and_only_there(churn):
+    meta, rows = churn
+    scores = churn_scores(meta, rows.assign(plan="premium"))
+    assert scores["plan"] > PSI_ALERT_THRESHOLD
+    assert max(v for k, v in scores.items() if k != "plan") < PSI_ALERT_THRESHOLD
+
+
+def test_unseen_values_raise_the_psi_through_their_own_bin(churn):
+    meta, rows = churn
+    plan = rows["plan"].copy()
+    plan.iloc[::10] = "enterprise"  # never seen in training; the model ignores it, drift does not
+    scores = churn_scores(meta, rows.assign(plan=plan))
+    assert scores["plan"] > PSI_ALERT_THRESHOLD
+    reference = meta.reference_stats["plan"]
+    live = [float((plan == c).mean()) for c in reference["categories"]] + [float((plan == "enterprise").mean())]
+    assert scores["plan"] == pytest.approx(psi(reference["category_fractions"] + [0.0], live))
+
+
+def test_missing_values_are_left_out(churn):
+    meta, rows = churn
+    region = rows["region"].copy()
+    region.iloc[::2] = None  # half the rows: missing, which the column had in training
+    scores = churn_scores(meta, rows.assign(region=region))
+    present = rows.assign(region=region)[region.notna().to_numpy()]
+    assert scores["region"] == pytest.approx(churn_scores(meta, present)["region"])
+    assert scores["region"] < PSI_ALERT_THRESHOLD
+    assert "region" not in churn_scores(meta, rows.assign(region=None))  # nothing left: no score
+
+
+def test_a_boolean_column_drifts_over_its_two_values(churn):
+    """A boolean's training deciles are all 0 or 1 (one bin): its two values are its bins."""
+    meta, rows = churn
+    assert churn_scores(meta, rows)["paperless_billing"] < 0.05
+    assert churn_scores(meta, rows.assign(paperless_billing=True))["paperless_billing"] > PSI_ALERT_THRESHOLD

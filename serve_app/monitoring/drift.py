@@ -10,11 +10,13 @@ into the first or last bin) and computes, per feature::
     PSI = sum_over_bins (actual - expected) * ln(actual / expected)
 
 with both shares floored at ``EPSILON`` so empty bins stay finite. Missing values (NaN, which
-XGBoost models accept) are left out. Category and string columns with known categories get the
-same PSI over their categories' shares, plus one bin for values never seen in training. Rule of thumb, used by the alert: below 0.1 no shift,
-0.1-0.2 moderate, above ``PSI_ALERT_THRESHOLD`` (0.2) a significant shift. A window smaller
-than ``min_rows`` reports nothing: with few rows the sampling noise alone would look like drift
-(with N rows and 10 bins, in-distribution PSI is about 9/N on average).
+XGBoost models accept; null in a nullable column) are left out. Category and string columns with
+known categories get the same PSI over their categories' shares, plus one bin for values never
+seen in training (empty in training, so its live share alone raises the PSI: 10% unseen values
+give about 0.7); booleans get it over their two values. Rule of thumb, used by the alert: below
+0.1 no shift, 0.1-0.2 moderate, above ``PSI_ALERT_THRESHOLD`` (0.2) a significant shift. A
+window smaller than ``min_rows`` reports nothing: with few rows the sampling noise alone would
+look like drift (with N rows and 10 bins, in-distribution PSI is about 9/N on average).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve_app.metadata import ModelMetadata
+from serve_app.metadata import Feature, ModelMetadata
 
 EPSILON = 1e-4
 PSI_ALERT_THRESHOLD = 0.2
@@ -70,7 +72,13 @@ class FeatureReference:
     categories: tuple | None = None
 
 
-def _reference(name: str, stats: dict) -> FeatureReference | None:
+def _reference(feature: Feature, stats: dict) -> FeatureReference | None:
+    name = feature.name
+    if feature.dtype == "bool" and "mean" in stats:
+        # A boolean's deciles are all 0 or 1: one bin that every value falls in, blind to any
+        # shift. Its two values are its bins; the stored mean is the training share of true.
+        return FeatureReference(name, np.array([1.0 - stats["mean"], stats["mean"]]),
+                                edges=np.array([0.0, 0.5, 1.0]))
     if "bin_edges" in stats:
         return FeatureReference(name, np.asarray(stats["bin_fractions"], dtype=np.float64),
                                 edges=np.asarray(stats["bin_edges"], dtype=np.float64))
@@ -93,7 +101,7 @@ class DriftMonitor:
     def __init__(self, meta: ModelMetadata, window_rows: int = 1000, min_rows: int = 200,
                  interval_s: float = 10.0):
         self.references = [ref for f in meta.features
-                           if (ref := _reference(f.name, meta.reference_stats.get(f.name, {}))) is not None]
+                           if (ref := _reference(f, meta.reference_stats.get(f.name, {}))) is not None]
         self.columns = [meta.feature_names.index(r.name) for r in self.references]
         self.enabled = bool(self.references) and window_rows > 0
         self.window_rows, self.min_rows, self.interval_s = window_rows, min_rows, interval_s
