@@ -1,4 +1,5 @@
-"""``serve-app``: the project's command line (the pyproject entry point).
+"""``serve-app``: the project's command line (the pyproject entry point): ``manifests``, ``publish``
+(a model file to the store, docs/your-own-model-cli.md) and ``models`` (what the store holds).
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that declares its arguments and sets
 ``run``; add a command by writing one and listing it in ``SUBCOMMANDS``.
@@ -7,8 +8,16 @@ Each subcommand is one ``_add_<name>(subparsers)`` function that declares its ar
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from serve_app.store import DEFAULT_STORE, ModelStore, ModelStoreError, store_from_environment
+
+# A store that cannot be reached or read: a message and exit status 2, not a traceback.
+STORE_FAILURES = (ModelStoreError, BotoCoreError, ClientError, OSError)
 
 
 def _add_manifests(subparsers) -> None:
@@ -43,7 +52,125 @@ def _run_manifests(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_manifests,)
+def _add_publish(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "publish", help="publish a model saved as a file (XGBoost .json/.ubj, .skops; pickle on request)",
+        description="Publish a model file as the next version of NAME, with the schema of its training "
+                    "rows (--sample): the same checks as serve_app.publish(), which this calls.")
+    parser.add_argument("artifact", type=Path, metavar="ARTIFACT",
+                        help="the model: .json/.ubj (XGBoost), .skops, or .joblib/.pkl/.pickle with --allow-pickle")
+    parser.add_argument("--name", required=True, help="the model's name in the store")
+    parser.add_argument("--sample", required=True, type=Path, metavar="FILE",
+                        help="the training rows, CSV or Parquet: the schema's source")
+    parser.add_argument("--store", default=None, help="local path or s3://bucket/prefix "
+                        "(default: SERVE_APP_STORE, else ./model_store)")
+    parser.add_argument("--version", default=None, help="the version to write (default: the next number)")
+    parser.add_argument("--classes", default=None, type=_comma_list, metavar="A,B,...",
+                        help="an XGBoost classifier's labels in class-index order (it only knows 0..k-1)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="unpickle a .joblib/.pkl/.pickle file here (it runs the file's code); "
+                             "it is stored as skops/UBJSON, never as a pickle")
+    parser.add_argument("--description", default="", metavar="TEXT",
+                        help="a line about the model, kept in its metadata")
+    parser.add_argument("--unknown-categories", choices=("allow", "reject"), default=None,
+                        help="whether values outside a column's training categories reach the model "
+                             "(default: allow exactly when every encoder ignores unknown values)")
+    parser.set_defaults(run=_run_publish)
+
+
+def _comma_list(text: str) -> list[str]:
+    labels = [label.strip() for label in text.split(",")]
+    if not all(labels):
+        raise argparse.ArgumentTypeError(f"empty label in {text!r}")
+    return labels
+
+
+def _run_publish(args: argparse.Namespace) -> int:
+    from serve_app.tools.publish_files import PublishError, publish_file  # on demand: pandas, XGBoost, skops
+
+    store = _store(args.store)
+    try:
+        meta = publish_file(args.artifact, args.name, args.sample, store=store, version=args.version,
+                            classes=args.classes, allow_pickle=args.allow_pickle, description=args.description,
+                            unknown_categories=args.unknown_categories)
+    except (PublishError, *STORE_FAILURES) as exc:
+        print(f"serve-app publish: {exc}", file=sys.stderr)
+        return 2
+    print(f"published {meta.name} version {meta.version} ({meta.framework} {meta.task}, input form "
+          f"{meta.input_form}) to {_location(store, meta.name, meta.version)}")
+    return 0
+
+
+def _store(uri: str | None) -> ModelStore:
+    return ModelStore(uri or store_from_environment() or DEFAULT_STORE)
+
+
+def _location(store: ModelStore, *parts: str) -> str:
+    return "/".join([str(store.backend).rstrip("/"), *parts])
+
+
+def _add_models(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "models", help="list the stored models, their versions and the latest one's schema",
+        description="Every model in the store with its versions; for the latest version its "
+                    "framework, task, input form and schema (features, dtypes, categories, nullable).")
+    parser.add_argument("--store", default=None, help="local path or s3://bucket/prefix "
+                        "(default: SERVE_APP_STORE, else ./model_store)")
+    parser.add_argument("--json", action="store_true", help="one JSON document, for machines")
+    parser.set_defaults(run=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    store = _store(args.store)
+    try:
+        models = [_describe_model(store, name, versions) for name, versions in store.list_models().items()]
+    except STORE_FAILURES as exc:
+        print(f"serve-app models: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"store": _location(store), "models": models}, indent=2))
+    else:
+        print("\n".join(_models_text(_location(store), models)))
+    return 0
+
+
+def _describe_model(store: ModelStore, name: str, versions: list[str]) -> dict:
+    """One model for the listing: its versions, and what its latest version serves."""
+    entry = {"name": name, "versions": versions, "latest": versions[-1] if versions else None}
+    if versions:
+        meta = store.read_metadata(name, versions[-1])
+        entry.update(framework=meta.framework, task=meta.task, input_form=meta.input_form, classes=meta.classes,
+                     features=[{"name": f.name, "dtype": f.dtype, "categories": f.categories,
+                                "nullable": f.nullable} for f in meta.features])
+    return entry
+
+
+def _models_text(location: str, models: list[dict]) -> list[str]:
+    """A table of the models, then each latest version's schema as a table of its own."""
+    if not models:
+        return [f"no models in {location}"]
+    lines = [f"store: {location}", ""]
+    lines += _table(["MODEL", "VERSIONS", "LATEST", "FRAMEWORK", "TASK", "INPUT"],
+                    [[m["name"], ", ".join(m["versions"]) or "-", m["latest"] or "-", m.get("framework", "-"),
+                      m.get("task", "-"), m.get("input_form", "-")] for m in models])
+    for model in (m for m in models if m["latest"]):
+        classes = f"; classes {', '.join(map(str, model['classes']))}" if model["classes"] else ""
+        lines += ["", f"{model['name']} version {model['latest']}: {len(model['features'])} features{classes}"]
+        lines += _table(["FEATURE", "DTYPE", "NULLABLE", "CATEGORIES"],
+                        [[f["name"], f["dtype"], "yes" if f["nullable"] else "no",
+                          ", ".join(map(str, f["categories"])) if f["categories"] is not None else "-"]
+                         for f in model["features"]], indent="  ")
+    return lines
+
+
+def _table(headers: list[str], rows: list[list[str]], indent: str = "") -> list[str]:
+    """Left-aligned columns two spaces apart (the last column unpadded)."""
+    widths = [max(len(str(row[j])) for row in [headers, *rows]) for j in range(len(headers))]
+    return [indent + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
+            for row in [headers, *rows]]
+
+
+SUBCOMMANDS = (_add_manifests, _add_publish, _add_models)
 
 
 def main(argv: list[str] | None = None) -> int:
