@@ -48,7 +48,8 @@ class PublishError(ValueError):
 
 def publish(model: Any, name: str, sample: Any, *, store: str | ModelStore | None = None,
             version: str | None = None, metrics: dict[str, float] | None = None, description: str = "",
-            classes: Sequence[Any] | None = None, unknown_categories: str | None = None) -> ModelMetadata:
+            classes: Sequence[Any] | None = None, unknown_categories: str | None = None,
+            replace: bool = False) -> ModelMetadata:
     """Write ``model`` as a new version of ``name`` (the next one unless ``version``) and
     return its metadata.
 
@@ -59,6 +60,8 @@ def publish(model: Any, name: str, sample: Any, *, store: str | ModelStore | Non
     "allow" lets values outside a column's training categories reach the model, "reject" makes
     them a 400; by default "allow" exactly when every encoder of the model ignores unknown values.
     ``store``: a path or ``s3://`` URI (default ``SERVE_APP_STORE``, else ``./model_store``).
+    A published version is never changed: an existing ``version`` is refused unless
+    ``replace`` (for rebuilding a store, such as the demo training does).
     """
     check_segment("name", name)
     target = store if isinstance(store, ModelStore) else ModelStore(store or store_from_environment() or DEFAULT_STORE)
@@ -77,6 +80,9 @@ def publish(model: Any, name: str, sample: Any, *, store: str | ModelStore | Non
         example=_records(frame.head(EXAMPLE_ROWS)), libraries=_library_versions(),
     )
     check_segment("version", metadata.version)
+    if not replace and metadata.version in target.versions(name):
+        raise PublishError(f"{name} version {metadata.version} exists in {target.backend}; a published version "
+                           "is never changed: publish a new one (version=None), or pass replace=True")
     artifact = runtime_cls.serialize(fitted)
     metadata.input_form = _input_form(runtime_cls, artifact, metadata, fitted, frame, sample)
     return target.save(metadata, artifact)
@@ -85,17 +91,13 @@ def publish(model: Any, name: str, sample: Any, *, store: str | ModelStore | Non
 # -- what the model is -----------------------------------------------------------------------
 def _describe(model: Any) -> tuple[str, str, Any]:
     """(framework, task, the object to serialise)."""
-    if isinstance(model, xgb.Booster):
-        objective = json.loads(model.save_config())["learner"]["objective"]["name"]
-        task = "classification" if objective.startswith(("binary:", "multi:")) else "regression"
-        return "xgboost", task, model
-    if isinstance(model, xgb.XGBModel):
-        _require_fitted(model, "get_booster")
-        task = "classification" if isinstance(model, xgb.XGBClassifier) else "regression"
-        if not isinstance(model, (xgb.XGBClassifier, xgb.XGBRegressor)):
-            raise PublishError(f"{type(model).__name__} is not served: publish an XGBClassifier, XGBRegressor "
-                               "or a Booster")
-        return "xgboost", task, model
+    if isinstance(model, (xgb.Booster, xgb.XGBModel)):
+        if isinstance(model, xgb.XGBModel):
+            _require_fitted(model, "get_booster")
+            if not isinstance(model, (xgb.XGBClassifier, xgb.XGBRegressor)):
+                raise PublishError(f"{type(model).__name__} is not served: publish an XGBClassifier, "
+                                   "XGBRegressor or a Booster")
+        return "xgboost", _xgboost_task(_booster(model)), model
     if not hasattr(model, "predict"):
         raise PublishError(f"{type(model).__name__} has no predict(): publish a fitted scikit-learn estimator or "
                            "Pipeline, an XGBClassifier/XGBRegressor or a Booster")
@@ -108,6 +110,24 @@ def _describe(model: Any) -> tuple[str, str, Any]:
     if is_regressor(model):
         return "sklearn", "regression", model
     raise PublishError(f"{type(model).__name__} is neither a classifier nor a regressor")
+
+
+# XGBoost objectives whose output the server can serve as it is: class probabilities, or a value.
+PROBABILITY_OBJECTIVES = ("binary:logistic", "multi:softprob")
+VALUE_OBJECTIVE_PREFIXES = ("reg:", "count:", "survival:")
+
+
+def _xgboost_task(booster) -> str:
+    """Classification for objectives that output probabilities, regression for those that
+    output a value; the rest (class indexes, raw margins, hinge labels, rankings) would be
+    served as something they are not, so they are refused."""
+    objective = json.loads(booster.save_config())["learner"]["objective"]["name"]
+    if objective in PROBABILITY_OBJECTIVES:
+        return "classification"
+    if objective.startswith(VALUE_OBJECTIVE_PREFIXES):
+        return "regression"
+    raise PublishError(f"XGBoost objective {objective!r} is not served: its output is not class probabilities "
+                       f"or a value; train classifiers with {' or '.join(PROBABILITY_OBJECTIVES)}")
 
 
 def _require_fitted(model, method: str) -> None:
@@ -181,7 +201,9 @@ def _features(frame, model: Any, framework: str) -> list[Feature]:
         elif types.is_string_dtype(column.dtype) or column.dtype == object:
             values = column.dropna()
             if not all(isinstance(v, str) for v in values):
-                raise PublishError(f"column {name!r} mixes strings with other values; give it one type")
+                kinds = sorted({type(v).__name__ for v in values})
+                raise PublishError(f"column {name!r} holds {', '.join(kinds)} values in an object column; give it "
+                                   "one type (strings for text, a numeric or bool dtype otherwise)")
             if framework == "xgboost":
                 raise PublishError(f"column {name!r} holds strings: XGBoost takes categories as pandas' category "
                                    f"dtype (sample[{name!r}].astype('category')) and enable_categorical=True")
@@ -372,7 +394,6 @@ def _plain(value: Any) -> Any:
         return value.item()
     if value is not None and not isinstance(value, (str, int, float, bool)):
         try:
-        
             if pd.isna(value):
                 return None
         except (TypeError, ValueError):

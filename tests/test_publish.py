@@ -134,3 +134,25 @@ def test_the_published_artifact_loads_and_predicts_like_the_model(store):
     records = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in records]
     inputs = from_records(records, meta, runtime.accepts_missing)
     assert runtime.predict(runtime.prepare(inputs.data)).tolist() == model.predict(split.X_test.head(50)).tolist()
+
+
+@pytest.mark.parametrize("objective", ["multi:softmax", "binary:logitraw", "binary:hinge", "rank:pairwise"])
+def test_xgboost_objectives_whose_output_is_not_probabilities_or_values_are_refused(store, objective):
+    """Class indexes, raw margins, hinge labels or rankings would be served as probabilities or
+    values: refused, naming the objective."""
+    X, y = load_iris(return_X_y=True)
+    y = (y > 0).astype(int) if objective.startswith(("binary", "rank")) else y
+    params = {"objective": objective, "num_class": 3} if objective == "multi:softmax" else {"objective": objective}
+    booster = xgb.train(params, xgb.DMatrix(X, y, group=[len(y)] if objective.startswith("rank") else None),
+                        num_boost_round=3)
+    with pytest.raises(PublishError, match=f"objective '{objective}' is not served"):
+        publish(booster, "b", X, store=store)
+
+
+def test_a_published_version_is_never_changed_unless_replaced(store):
+    X, y = iris_frame()
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(X, y)
+    publish(model, "iris", X, store=store, version="1")
+    with pytest.raises(PublishError, match="iris version 1 exists"):
+        publish(model, "iris", X, store=store, version="1")
+    assert publish(model, "iris", X, store=store, version="1", replace=True).version == "1"

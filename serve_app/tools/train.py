@@ -208,7 +208,7 @@ def train_model(
     # are the served model's.
     return publish(estimator, save_as or name, pd.DataFrame(X_train, columns=feature_names), store=store,
                    version=str(version), metrics=_score(spec.task, y_test, estimator.predict(X_test)),
-                   description=spec.description)
+                   description=spec.description, replace=True)
 
 
 def _train_table_model(name: str, store: ModelStore, version: str, seed: int, save_as: str | None,
@@ -225,7 +225,7 @@ def _train_table_model(name: str, store: ModelStore, version: str, seed: int, sa
         predicted, classes = estimator.predict(split.X_test), None
     return publish(estimator, save_as or name, split.X_train, store=store, version=str(version),
                    metrics=_score("classification", split.y_test, predicted), description=spec.description,
-                   classes=classes)
+                   classes=classes, replace=True)
 
 
 def ensure_models(store: ModelStore, names=DEFAULT_MODELS) -> list[ModelMetadata]:
