@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -28,6 +29,14 @@ def npy(rows) -> bytes:
     np.save(buffer, np.array(rows))
     return buffer.getvalue()
 
+
+CHURN_ROW = {"plan": "basic", "region": "north", "contract": "one-year", "tenure_months": 12,
+             "monthly_charges": 30.5, "support_calls": 1, "paperless_billing": True}
+CHURN_TYPES = {"plan": "BYTES", "region": "BYTES", "contract": "BYTES", "tenure_months": "INT64",
+               "monthly_charges": "FP64", "support_calls": "INT64", "paperless_billing": "BOOL"}
+CHURN_COLUMNS = [{"name": k, "shape": [1], "datatype": CHURN_TYPES[k], "data": [v]} for k, v in CHURN_ROW.items()]
+BYTES_HEADER = json.dumps({"inputs": [{**{k: v for k, v in CHURN_COLUMNS[0].items() if k != "data"},
+                                       "parameters": {"binary_data_size": 6}}, *CHURN_COLUMNS[1:]]}).encode()
 
 # (table row, method, path, raw body or JSON, headers, status, fragment of the error)
 CASES = [
@@ -78,6 +87,19 @@ CASES = [
      {"inference-header-content-length": "twelve"}, 400, "byte count"),
     ("binary: tensor data cut short", "POST", "/v2/models/iris/infer", BINARY_HEADER + b"\0" * 31,
      {"inference-header-content-length": str(len(BINARY_HEADER))}, 400, "runs past the end"),
+    # Mixed-type models (docs/your-own-model.md#what-is-refused).
+    ("unseen category", "POST", "/v1/models/churn-xgb:predict", {"instances": [{**CHURN_ROW, "plan": "gold"}]}, JSON,
+     400, "['gold'] never seen in training"),
+    ("string in an integer column", "POST", "/v1/models/churn:predict",
+     {"instances": [{**CHURN_ROW, "tenure_months": "12"}]}, JSON, 400, "expects integers"),
+    ("number in a string column", "POST", "/v2/models/churn/infer",
+     {"inputs": [*CHURN_COLUMNS[1:], {**CHURN_COLUMNS[0], "datatype": "INT64", "data": [3]}]}, JSON, 400,
+     "expects strings"),
+    ("BYTES element not UTF-8", "POST", "/v2/models/churn/infer", BYTES_HEADER + b"\x02\x00\x00\x00\xff\xfe",
+     {"inference-header-content-length": str(len(BYTES_HEADER))}, 400, "not UTF-8"),
+    ("CSV that cannot be parsed", "POST", "/v1/models/churn/invocations", b'plan,region\n"basic,north\n',
+     {"content-type": "text/csv"}, 400, "malformed CSV"),
+    ("MLflow body without a format", "POST", "/invocations", {"rows": []}, JSON, 400, "exactly one of"),
     ("unknown model (V1)", "POST", "/v1/models/tulip:predict", {"instances": [IRIS_ROW]}, JSON, 404, "not served"),
     ("unknown model (V2)", "POST", "/v2/models/tulip/infer", v2_body([1, 4], IRIS_ROW), JSON, 404, "not served"),
     ("unknown version", "POST", "/v2/models/iris/versions/99/infer", v2_body([1, 4], IRIS_ROW), JSON, 404, "no version '99'"),
@@ -105,6 +127,9 @@ REASONS = {
     "binary: body not .npy": "malformed_binary", "binary: .npy of strings": "wrong_type",
     "binary: .npy wrong feature count": "wrong_shape", "binary: header length not a number": "malformed_binary",
     "binary: tensor data cut short": "malformed_binary",
+    "unseen category": "unknown_category", "string in an integer column": "wrong_type",
+    "number in a string column": "wrong_type", "BYTES element not UTF-8": "malformed_binary",
+    "CSV that cannot be parsed": "malformed_csv", "MLflow body without a format": "invalid_request",
     "unknown model (V1)": "model_not_found", "unknown model (V2)": "model_not_found",
     "unknown version": "model_not_found", "unknown model metadata": "model_not_found",
     "unknown path": None, "wrong method": None,
