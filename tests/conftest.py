@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,3 +313,33 @@ def serve_url(serve_cluster) -> str:
 def http(serve_url):
     with httpx.Client(base_url=serve_url, timeout=30) as client:
         yield client
+
+
+# -- S3 (a real moto server on loopback) --------------------------------------------------------
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    from moto.server import ThreadedMotoServer  # here: only S3 tests need moto
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, monkeypatch):
+    """A fresh bucket on the moto server, with the environment pointing boto3 at it."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE",
+                "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = f"models-{uuid.uuid4().hex[:12]}"
+    import boto3  # here: only S3 tests need boto3
+
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+    return client, bucket

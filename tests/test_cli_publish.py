@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import boto3
@@ -348,31 +347,11 @@ def test_models_of_an_empty_store(tmp_path):
     assert json.loads(serve_app("models", "--store", tmp_path, "--json").stdout)["models"] == []
 
 
-# -- S3 (a moto server, as tests/test_store.py runs it) ----------------------------------------------------------
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer  # here: only this test needs a moto server
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
+# -- S3 (the moto server of conftest.py) --------------------------------------------------------
 @pytest.fixture
-def s3_env(moto_endpoint, monkeypatch) -> str:
-    """A fresh bucket on the moto server; this process and the commands it runs point boto3 at it."""
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE",
-                "AWS_SHARED_CREDENTIALS_FILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    bucket = f"models-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    return bucket
+def s3_env(s3_bucket) -> str:
+    """A fresh bucket; this process and the commands it runs point boto3 at it (the environment)."""
+    return s3_bucket[1]
 
 
 def test_publish_to_s3(files, s3_env):

@@ -6,9 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import uuid
 
-import boto3
 import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
@@ -270,32 +268,7 @@ def test_incomplete_version_is_not_visible(tmp_path):
     assert load_runtime(store, "iris").meta.version == "1"
 
 
-# -- S3 store (moto server) ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_bucket(moto_endpoint, monkeypatch):
-    """A fresh bucket on the moto server, with the environment pointing boto3 at it."""
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE",
-                "AWS_SHARED_CREDENTIALS_FILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    bucket = f"models-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=bucket)
-    return client, bucket
+# -- S3 store (the moto server of conftest.py: s3_bucket) ----------------------------------------
 
 
 def test_s3_store_round_trip(s3_bucket):
