@@ -355,3 +355,28 @@ def test_a_pipeline_that_raises_on_a_clients_values_is_a_400(store, fitted, tmp_
     with pytest.raises(BadInput) as caught:
         runtime.predict(runtime.prepare(decoded.inputs.data))
     assert caught.value.reason == "rejected_by_model" and "gold" in caught.value.message
+
+
+def test_in_a_batch_only_the_request_the_model_refused_fails(tmp_path):
+    """Rows of two requests share a model call; the pipeline raises on one request's value:
+    that request gets the 400, the other its answer."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    from serve_app import publish
+
+    split = table_split("churn")
+    X = split.X_train[["plan", "tenure_months"]]
+    model = Pipeline([("prepare", ColumnTransformer([("plan", OneHotEncoder(), ["plan"])], remainder="passthrough")),
+                      ("classify", LogisticRegression(max_iter=500))]).fit(X, split.y_train)
+    own = ModelStore(str(tmp_path))
+    meta = publish(model, "strict", X, store=own, unknown_categories="allow")
+    worker = ModelWorker(load_runtime(own, "strict"), ModelSpec(name="strict"))
+    good = [{"plan": "basic", "tenure_months": 3}, {"plan": "premium", "tenure_months": 40}]
+    items = [(v1.decode_request({"instances": rows}, meta, False).inputs, ("predict",))
+             for rows in (good, [{"plan": "gold", "tenure_months": 3}])]
+    answered, refused = asyncio.run(worker._run_batch(items))
+    assert answered["predict"].tolist() == model.predict(pd.DataFrame(good)).tolist()
+    assert isinstance(refused, BadInput) and refused.reason == "rejected_by_model"
