@@ -101,6 +101,9 @@ def test_mlflow_scoring_protocol(http, fitted, name):
     csv = http.post(f"/v1/models/{name}/invocations", content=rows.to_csv(index=False),
                     headers={"content-type": "text/csv"})
     assert csv.status_code == 200 and csv.json() == {"predictions": labels}, csv.text
+    proba = http.post(f"/v1/models/{name}/invocations", json={
+        "dataframe_split": {"columns": split["columns"], "data": split["data"]}, "params": {"output": "predict_proba"}})
+    np.testing.assert_allclose(proba.json()["predictions"], reference(estimator, rows)[1], rtol=1e-9)
 
 
 def test_invocations_without_a_model_answers_with_the_configured_one(http, serve_cluster, fitted):
