@@ -119,6 +119,7 @@ def test_metadata_shows_the_schema(http):
     by_name = {f["name"]: f for f in v1["features"]}
     assert by_name["plan"]["dtype"] == "string" and by_name["plan"]["categories"] == ["basic", "premium", "standard"]
     assert by_name["region"]["nullable"] and by_name["tenure_months"]["dtype"] == "int64"
+    assert by_name["plan"]["datatype"] == "BYTES" and by_name["paperless_billing"]["datatype"] == "BOOL"
     assert v1["example"] and set(v1["example"][0]) == set(by_name)
     v2 = http.get("/v2/models/churn-xgb").json()
     inputs = {t["name"]: t for t in v2["inputs"]}

@@ -19,6 +19,7 @@ from typing import Any
 
 from serve_app.codecs import tables
 from serve_app.codecs.tensors import DecodedRequest, as_float_matrix, jsonable, model_input
+from serve_app.codecs.v2 import FEATURE_DATATYPES
 from serve_app.errors import BadInput
 from serve_app.metadata import ModelMetadata
 from serve_app.serving.interface import Answer
@@ -65,6 +66,15 @@ def predictions(answer: Answer, request: DecodedRequest):
         labels = [str(c) if not isinstance(c, (str, int, float, bool)) else c for c in request.classes]
         return [dict(zip(labels, row)) for row in values.tolist()]
     return jsonable(values)
+
+
+def model_metadata(name: str, meta: ModelMetadata) -> dict[str, Any]:
+    """``GET /v1/models/{name}``: the stored metadata, each feature with its V2 datatype too
+    (``BYTES`` for string and category columns)."""
+    described = meta.to_dict()
+    for feature in described["features"]:
+        feature["datatype"] = FEATURE_DATATYPES[feature["dtype"]]
+    return {"name": name, "ready": True, **described}
 
 
 def encode_response(answer: Answer, request: DecodedRequest) -> dict[str, Any]:

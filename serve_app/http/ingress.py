@@ -132,8 +132,7 @@ class ModelServer:
 
     @route("GET", "/v1/models/{name}", "/v1/models/{name}/versions/{version}", tags=["V1"])
     async def v1_model(self, name: str, request: Request, version: str | None = None) -> Response:
-        return await self._describe(request, "v1", name, version,
-                                    lambda meta: {"name": name, "ready": True, **meta.to_dict()})
+        return await self._describe(request, "v1", name, version, lambda meta: v1.model_metadata(name, meta))
 
     @route("POST", "/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict", fast=True,
            tags=["V1"], openapi_extra=V1_REQUEST)
