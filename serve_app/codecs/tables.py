@@ -3,8 +3,8 @@
 Every protocol that can name its columns ends here: KServe V1 records and schema-ordered rows,
 V2 per-column tensors (JSON or binary, strings as BYTES), MLflow's ``dataframe_split``,
 ``dataframe_records`` and CSV bodies. :func:`as_model_input` turns the columns into what the
-runtime predicts on: the float64 matrix of a numeric model (no DataFrame built), or a pandas
-DataFrame (the runtime gives category columns their training categories).
+runtime predicts on: the float64 matrix of a numeric model, or typed columns from which the
+runtime builds one DataFrame per model call (category columns in their training categories).
 
 The policy (docs/your-own-model.md#what-is-refused), each a 400 with a reason:
 
@@ -88,13 +88,11 @@ def from_rows(rows: Sequence[Any], meta: ModelMetadata, accepts_missing: bool,
 
 
 def as_model_input(typed: Mapping[str, np.ndarray], meta: ModelMetadata) -> ModelInput:
-    """The runtime's form of validated columns: a matrix for a numeric model, else a frame."""
+    """The runtime's form of validated columns: a matrix for a numeric model, else the columns."""
     names = tuple(meta.feature_names)
     if not meta.is_tabular:
         return ModelInput(names, np.column_stack([typed[n].astype(np.float64, copy=False) for n in names]))
-    import pandas as pd  # only mixed-type models pay for pandas
-
-    return ModelInput(names, frame=pd.DataFrame({n: typed[n] for n in names}))
+    return ModelInput(names, columns={n: typed[n] for n in names})
 
 
 def typical_row(meta: ModelMetadata) -> ModelInput:

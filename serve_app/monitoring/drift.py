@@ -118,24 +118,26 @@ class DriftMonitor:
             return
         X = inputs if isinstance(inputs, np.ndarray) else inputs.matrix
         if X is None:
-            X = self._encode(inputs.frame.tail(self.window_rows))
+            X = self._encode(inputs.columns, inputs.rows)
         self._append(X)
 
-    def _encode(self, frame) -> np.ndarray:
-        """A frame's rows as numbers: numeric columns as floats, category columns as indexes."""
+    def _encode(self, columns, rows: int) -> np.ndarray:
+        """The window's share of typed columns as numbers: numeric columns as floats, category
+        columns as indexes."""
         import pandas as pd  # only mixed-type models pay for pandas
 
         if self._encoders is None:
             self._encoders = {ref.name: pd.Index(ref.categories) for ref in self.references if ref.categories}
-        X = np.full((len(frame), self._buffer.shape[1]), np.nan)
+        take = min(rows, self.window_rows)
+        X = np.full((take, self._buffer.shape[1]), np.nan)
         for ref, column in zip(self.references, self.columns):
-            values = frame.iloc[:, column]
-            if ref.categories is None:
-                X[:, column] = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            values = np.asarray(columns[ref.name])[-take:]
+            if ref.categories is None:  # numbers and booleans: typed by the codec
+                X[:, column] = values.astype(np.float64)
                 continue
             index = self._encoders[ref.name].get_indexer(values).astype(np.float64)
             index[index < 0] = len(ref.categories)
-            index[values.isna().to_numpy()] = np.nan
+            index[pd.isna(values)] = np.nan
             X[:, column] = index
         return X
 

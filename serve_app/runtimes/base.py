@@ -85,15 +85,16 @@ class ModelRuntime(ABC):
         self._categories = {f.name: f.categories for f in metadata.features if f.dtype == "category"}
 
     def prepare(self, data):
-        """What the model predicts on, from a ``ModelInput``'s ``data``: a matrix as it is; a
-        frame with its category columns in the training categories (the codes the model was
-        fitted with; a value outside them, where allowed, is missing)."""
-        if self._categories and not isinstance(data, np.ndarray):
-            import pandas as pd  # only mixed-type models pay for pandas
+        """What the model predicts on, from a ``ModelInput``'s ``data``: a matrix as it is;
+        typed columns as one DataFrame, category columns in the training categories (the codes
+        the model was fitted with; a value outside them, where allowed, is missing)."""
+        if isinstance(data, np.ndarray):
+            return data
+        import pandas as pd  # only mixed-type models pay for pandas
 
-            data = data.assign(**{name: pd.Categorical(data[name], categories=categories)
-                                  for name, categories in self._categories.items()})
-        return data
+        categories = self._categories
+        return pd.DataFrame({name: pd.Categorical(values, categories=categories[name]) if name in categories
+                             else values for name, values in data.items()})
 
     @classmethod
     @abstractmethod

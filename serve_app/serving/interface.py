@@ -27,34 +27,36 @@ class ModelInput:
     """Validated rows for one model, features in the model's order, in one of two forms.
 
     - ``matrix``: one float64 array, for numeric models: what the runtimes predict on without
-      a copy, and what every all-numeric request becomes (no DataFrame is built).
-    - ``frame``: a pandas DataFrame, for models fitted on one (``input_form: frame``): numbers
-      and booleans as such, string and category columns as Python strings (NaN: missing). The
-      runtime gives category columns their training categories (``ModelRuntime.prepare``),
-      so batches concatenate plain columns and drift sees the values that were sent.
+      a copy, and what every all-numeric request becomes.
+    - ``columns``: one 1-D array per feature, for models fitted on a DataFrame
+      (``input_form: frame``): numbers and booleans as such, string and category columns as
+      Python strings (NaN: missing). The runtime builds one DataFrame per model call from them
+      (``ModelRuntime.prepare``, category columns in their training categories): requests
+      concatenate as plain arrays, and no DataFrame is built per request on the event loop.
     """
 
     feature_names: tuple[str, ...]
     matrix: np.ndarray | None = None  # float64, (rows, len(feature_names))
-    frame: Any = None                 # pandas.DataFrame, columns = feature_names
+    columns: Mapping[str, np.ndarray] | None = None  # feature name -> (rows,)
 
     @property
     def data(self):
-        """What the runtime predicts on: the matrix or the frame."""
-        return self.matrix if self.frame is None else self.frame
+        """What the runtime prepares for the model: the matrix or the columns."""
+        return self.matrix if self.columns is None else self.columns
 
     @property
     def rows(self) -> int:
-        return self.matrix.shape[0] if self.frame is None else len(self.frame)
+        if self.columns is None:
+            return self.matrix.shape[0]
+        return len(self.columns[self.feature_names[0]])
 
     @classmethod
     def concat(cls, parts: Sequence["ModelInput"]) -> "ModelInput":
         """Several requests' rows as one batch (same model, so the same features and form)."""
-        if parts[0].frame is None:
-            return cls(parts[0].feature_names, np.concatenate([p.matrix for p in parts]))
-        import pandas as pd  # only mixed-type models pay for pandas
-
-        return cls(parts[0].feature_names, frame=pd.concat([p.frame for p in parts], ignore_index=True))
+        names = parts[0].feature_names
+        if parts[0].columns is None:
+            return cls(names, np.concatenate([p.matrix for p in parts]))
+        return cls(names, columns={n: np.concatenate([p.columns[n] for p in parts]) for n in names})
 
 
 @dataclass(frozen=True)
