@@ -5,10 +5,13 @@ the serving runtime and must answer exactly as the model it was saved from."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -29,6 +32,7 @@ from serve_app.codecs.tables import from_records
 from serve_app.runtimes import load_runtime
 from serve_app.runtimes.sklearn import trusted_types
 from serve_app.store import ModelStore
+from serve_app.tools import cli
 from serve_app.tools.train import CHURN_LABELS, CHURN_TEXT_COLUMNS, churn_table
 
 TESTS = Path(__file__).resolve().parent
@@ -51,14 +55,42 @@ class Trap:
 
 
 # -- running the command ---------------------------------------------------------------------------
-def serve_app(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``serve-app ARGS`` in a fresh interpreter, as a user runs it."""
-    base = {k: v for k, v in os.environ.items() if k not in ("SERVE_APP_STORE", "SERVE_APP_SKOPS_TRUSTED_TYPES")}
-    return subprocess.run([sys.executable, "-m", "serve_app.tools.cli", *map(str, args)], capture_output=True,
-                          text=True, env={**base, **(env or {})}, timeout=300)
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def refused(result: subprocess.CompletedProcess) -> str:
+def serve_app(*args, env: dict | None = None) -> Run:
+    """``serve-app ARGS``, the command's own ``main`` in this process (a fresh interpreter per
+    run costs seconds of imports; test_the_installed_command_runs runs the real script), with
+    ``env`` added to a clean environment for the run."""
+    saved = dict(os.environ)
+    for key in ("SERVE_APP_STORE", "SERVE_APP_SKOPS_TRUSTED_TYPES"):
+        os.environ.pop(key, None)
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as exit_:  # argparse's own refusals
+                code = exit_.code if isinstance(exit_.code, int) else 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def test_the_installed_command_runs(tmp_path):
+    """The ``serve-app`` script of the venv, as a user runs it."""
+    result = subprocess.run([str(Path(sys.executable).parent / "serve-app"), "models", "--store", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and f"no models in {tmp_path}" in result.stdout, result.stderr
+
+
+def refused(result: Run) -> str:
     """The message of a refused command: exit 2, a message, no traceback, nothing on stdout."""
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
@@ -66,7 +98,7 @@ def refused(result: subprocess.CompletedProcess) -> str:
     return result.stderr
 
 
-def published(result: subprocess.CompletedProcess, name: str, version: str, store: str) -> None:
+def published(result: Run, name: str, version: str, store: str) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout
