@@ -1,8 +1,8 @@
 """The model-server benchmark: our server against fair peers on the same models, in alternating
 rounds on this machine (docs/performance.md).
 
-    make bench                        # everything (~50 min)
-    .venv/bin/python -m bench.harness --quick          # ~15 min: one-row cells at c=1,16, no levers
+    make bench                        # everything (~65 min)
+    .venv/bin/python -m bench.harness --quick          # ~20 min: one-row and mixed-type cells at c=1,16, no levers
     .venv/bin/python -m bench.harness --servers ours,fastapi --workloads xgb-1 --rounds 3 --levers none
 
 The peers (``SERVERS``): the minimal Ray Serve app (the floor Serve itself sets), the careful
@@ -41,7 +41,9 @@ import yaml
 
 from bench import cpushare, inprocess, launch, loadgen, report
 from bench.model_export import export_model
-from bench.workloads import WORKLOADS, Request, Workload, features, npy, v2_binary, v2_json
+from bench.workloads import (WORKLOADS, Request, Workload, answered_labels, features, npy, table_rows, v2_binary,
+                             v2_columns, v2_json)
+from serve_app.runtimes import load_runtime
 from serve_app.store import ModelStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +51,18 @@ CONFIG = ROOT / "configs" / "serve_config.yaml"
 SERVERS = ("ours", "serve-minimal", "fastapi", "fastapi-1", "mlserver")
 RAY_SERVERS = ("ours", "serve-minimal")
 MLSERVER_VENV = ROOT / "bench" / ".mlserver-venv"
-QUICK = {"workloads": ["xgb-1", "sklearn-1"], "concurrency": [1, 16], "levers": [], "duration": 4.0,
+QUICK = {"workloads": ["xgb-1", "sklearn-1", "churn-1", "churn-1000"], "concurrency": [1, 16], "levers": [], "duration": 4.0,
          "warmup": 1.0, "limit_seconds": 0.5, "rounds": 3, "memory": False}
 
 
 # -- the request each server's protocol makes of a workload (None: the server has no such format)
-def request_for(server: str, workload: Workload, binary_format: str = "v2") -> Request | None:
+def request_for(server: str, workload: Workload, binary_format: str = "v2", expected=None) -> Request | None:
+    """``expected``: the labels a correct answer holds (mixed-type workloads: checked before
+    the cell is measured, on every server)."""
+    if server not in SERVERS:
+        raise ValueError(server)
+    if workload.table:  # the same per-column V2 JSON body for every server (MLServer: its PandasCodec)
+        return v2_columns(workload.model, table_rows(workload.model, workload.rows), expected)
     X = features(workload.model, workload.rows)
     if server == "ours":
         if not workload.binary:
@@ -148,6 +156,16 @@ def replicas(n: int) -> Callable[[dict], None]:
     return change
 
 
+def table_batch_rows(rows: int) -> Callable[[dict], None]:
+    """The mixed-type demos' batches up to ``rows`` rows (shipped: 32, so a 1000-row request is
+    a call of its own; MLServer's adaptive batching counts requests: 32 of them)."""
+    def change(config: dict) -> None:
+        for model in _models(config):
+            if model["name"] in ("churn", "churn-xgb"):
+                model["max_batch_size"] = rows
+    return change
+
+
 def every(*changes: Callable[[dict], None]) -> Callable[[dict], None]:
     def change(config: dict) -> None:
         for one in changes:
@@ -205,6 +223,8 @@ LEVERS = {lever.key: lever for lever in (
     Lever("replicas-4", "4 ingress replicas", replicas(4)),
     Lever("npy", "application/x-npy instead of the V2 binary extension", binary_format="npy",
           workloads=("xgb-1000-binary",)),
+    Lever("table-batch-32k", "mixed-type batches of up to 32,000 rows (shipped: 32)", table_batch_rows(32_000),
+          workloads=("churn-1", "churn-1000")),
 )}
 
 
@@ -276,6 +296,7 @@ class Run:
         self.levers: list[dict] = []
         self.failures: list[dict] = []
         self.ray_temp_dirs: list[str] = []  # recorded so a test can check nothing of them survives
+        self.expected: dict[str, tuple] = {}  # per mixed-type workload: the in-memory pipeline's labels
 
     def measure(self, server: str, endpoint: Endpoint, workload: Workload, concurrency: int, request: Request,
                 label: str, slug: str) -> dict:
@@ -284,6 +305,12 @@ class Run:
         check = httpx.post(url + request.path, content=request.body, headers=request.headers, timeout=60)
         if check.status_code != 200:  # a wrong request would measure error pages
             raise RuntimeError(f"{label} {workload.key}: {check.status_code} {check.text[:500]}")
+        if request.expected is not None:  # nor would wrong answers (say, strings decoded as bytes)
+            labels = answered_labels(check.json())
+            wrong = [i for i, (a, b) in enumerate(zip(labels, request.expected)) if a != b]
+            if len(labels) != len(request.expected) or wrong:
+                raise RuntimeError(f"{label} {workload.key}: {len(wrong)} of {len(request.expected)} labels differ "
+                                   f"from the in-memory pipeline's (first rows {wrong[:5]}): {check.text[:300]}")
         script = loadgen.write_script(request, self.scripts, f"{slug}-{workload.key}")
         if self.args.warmup > 0:
             loadgen.wrk(url + request.path, script, concurrency, self.args.warmup)
@@ -316,7 +343,7 @@ class Run:
                             **launch.session_memory(endpoint.session)})
         for key in self.args.workloads:
             workload = WORKLOADS[key]
-            request = request_for(server, workload)
+            request = request_for(server, workload, expected=self.expected.get(key))
             if request is None:
                 continue
             for concurrency in self.args.concurrency:
@@ -478,7 +505,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                         help=f"measure our memory with {TAIL_MODELS} long-tail models loaded (default: on, "
                              "off with --quick)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    # absolute: the store's path goes into the Serve config, read by replicas in other directories
+    parser.add_argument("--out", type=lambda text: Path(text).resolve(), default=ROOT / "bench" / "results")
     parser.add_argument("--mlserver-venv", type=Path, default=MLSERVER_VENV)
     args = parser.parse_args(argv)
     defaults = {"workloads": list(WORKLOADS), "concurrency": [1, 16, 64], "levers": list(LEVERS), "rounds": 3,
@@ -520,11 +548,20 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         export_model(store, model, model_dir, max_batch_size=32, max_batch_time_s=0.002)
 
+    for key in args.workloads:  # what every server must answer to a mixed-type workload
+        if WORKLOADS[key].table:
+            pipeline = load_runtime(store, WORKLOADS[key].model).model
+            run.expected[key] = tuple(pipeline.predict(table_rows(WORKLOADS[key].model, WORKLOADS[key].rows)).tolist())
+
     print("in-process limits", flush=True)
     results["in_process"] = {key: inprocess.predict_rate(store, WORKLOADS[key].model, WORKLOADS[key].rows,
                                                          args.limit_seconds) for key in args.workloads}
     if any(WORKLOADS[k].rows > 1 for k in args.workloads):
         results["codecs"] = inprocess.codec_costs(store, "breast-cancer", 1000, args.limit_seconds / 2)
+    tables = sorted({WORKLOADS[k].model for k in args.workloads if WORKLOADS[k].table})
+    if tables:
+        results["table_codecs"] = {model: inprocess.table_codec_costs(store, model, seconds=args.limit_seconds / 2)
+                                   for model in tables}
 
     servers = Servers(run, store_path, model_dir)
     results["meta"]["ingress_replicas"] = servers.replicas

@@ -4,9 +4,12 @@ Our store keeps XGBoost models as UBJSON boosters and scikit-learn models as sko
 MLServer's runtimes (and a hand-rolled FastAPI app) load XGBoost through its scikit-learn
 wrapper (``model.json`` that records the estimator type, so mlserver-xgboost treats a
 classifier as one) and scikit-learn through joblib. Both files are written here from the
-estimator our own runtime loads, so every server predicts with identical trees and weights.
+estimator our own runtime loads, so every server predicts with identical trees and weights:
+a mixed-type pipeline (the ``churn`` demo: a ColumnTransformer fitted on a DataFrame) too,
+loaded from its skops artifact and dumped with joblib for MLServer's scikit-learn runtime.
 Each model folder also gets MLServer's ``model-settings.json`` (adaptive batching on, with
-the batch size and wait our shipped config uses).
+the batch size and wait our shipped config uses; ``content_type: "pd"`` for a model fitted
+on a DataFrame, so MLServer's PandasCodec decodes its requests).
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ def export_model(store: ModelStore, name: str, out: Path, max_batch_size: int, m
     settings = {"name": name, "implementation": MLSERVER_RUNTIMES[runtime.meta.framework],
                 "max_batch_size": max_batch_size, "max_batch_time": max_batch_time_s,
                 "parameters": {"uri": f"./{artifact}", "version": runtime.meta.version}}
+    if runtime.meta.is_tabular:
+        # A model fitted on a DataFrame: MLServer's PandasCodec builds one from the request's
+        # per-column tensors (the request says so too; the model default also holds for a
+        # batch its adaptive batcher merged).
+        settings["parameters"]["content_type"] = "pd"
     (folder / "model-settings.json").write_text(json.dumps(settings, indent=2))
     return folder
 

@@ -192,6 +192,13 @@ def markdown(results: dict) -> str:
     if results.get("codecs"):
         lines += ["", "Decoding one 1000-row request (µs, in-process):", "", "| way | µs |", "|---|---|"]
         lines += [f"| {way} | {_fmt(us)} |" for way, us in results["codecs"].items()]
+    for model, by_rows in (results.get("table_codecs") or {}).items():
+        lines += ["", f"A mixed-type request ({model}, per-column V2 JSON) to the model's frame, and the model "
+                  "(µs, in-process):", "", "| way | " + " | ".join(f"{r} rows" for r in by_rows) + " |",
+                  "|---|" + "---|" * len(by_rows)]
+        ways = list(dict.fromkeys(w for costs in by_rows.values() for w in costs))
+        lines += [f"| {way} | " + " | ".join(_fmt(costs.get(way)) for costs in by_rows.values()) + " |"
+                  for way in ways]
     return "\n".join(lines) + "\n"
 
 

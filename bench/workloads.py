@@ -3,6 +3,9 @@ request each server's protocol makes of them.
 
 Every server gets the same rows of the same dataset; only the envelope differs:
 - ``v2_json``: Open Inference Protocol JSON (ours, MLServer);
+- ``v2_columns``: the mixed-type table as V2 JSON, one tensor per column (strings as BYTES,
+  INT64, FP64, BOOL, shape [N]) and ``"parameters": {"content_type": "pd"}``: what MLServer's
+  and KServe's pandas codecs send and take (ours, MLServer, the FastAPI apps);
 - ``v2_binary``: the V2 binary tensor extension (ours; serve_app/codecs/binary.py);
 - ``npy``: a ``.npy`` body (ours, and the FastAPI baseline's own endpoint);
 - ``instances``: ``{"instances": [[...]]}``, what a hand-rolled server takes (FastAPI, naive Ray).
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
+import pandas as pd
 from sklearn.datasets import load_breast_cancer, load_iris
 
 DATASETS = {"breast-cancer": load_breast_cancer, "iris": load_iris}
@@ -27,6 +31,7 @@ class Workload:
     rows: int
     binary: bool
     title: str
+    table: bool = False  # a mixed-type table (v2_columns), not a numeric matrix
 
 
 WORKLOADS = {w.key: w for w in (
@@ -34,6 +39,10 @@ WORKLOADS = {w.key: w for w in (
     Workload("sklearn-1", "iris", 1, False, "scikit-learn pipeline (iris), 1 row, JSON"),
     Workload("xgb-1000-json", "breast-cancer", 1000, False, "XGBoost, 1000 rows, JSON"),
     Workload("xgb-1000-binary", "breast-cancer", 1000, True, "XGBoost, 1000 rows, binary"),
+    Workload("churn-1", "churn", 1, False, "mixed-type ColumnTransformer pipeline (churn), 1 row, "
+             "V2 columns JSON", table=True),
+    Workload("churn-1000", "churn", 1000, False, "mixed-type ColumnTransformer pipeline (churn), 1000 rows, "
+             "V2 columns JSON", table=True),
 )}
 
 
@@ -42,6 +51,14 @@ class Request:
     path: str
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    expected: tuple | None = None  # the labels a correct answer's "predict" output holds
+
+
+def answered_labels(answer: dict) -> list:
+    """The ``predict`` output of a V2 answer (ours, MLServer's, the FastAPI apps')."""
+    outputs = answer["outputs"]
+    tensor = next((o for o in outputs if o["name"] == "predict"), outputs[0])
+    return [v.decode() if isinstance(v, bytes) else v for v in tensor["data"]]
 
 
 def features(model: str, rows: int) -> np.ndarray:
@@ -71,3 +88,34 @@ def npy(path: str, X: np.ndarray) -> Request:
 
 def instances(path: str, X: np.ndarray) -> Request:
     return Request(path, orjson.dumps({"instances": X.tolist()}), {"Content-Type": "application/json"})
+
+
+def table_rows(model: str, rows: int) -> pd.DataFrame:
+    """``rows`` held-out rows of a mixed-type demo's table (repeated past its end), without
+    missing values: a JSON body has no NaN, and tritonclient no null BYTES element."""
+    from serve_app.tools.train import table_split
+
+    test = table_split(model).X_test.dropna().reset_index(drop=True)
+    return test.iloc[np.arange(rows) % len(test)].reset_index(drop=True)
+
+
+def _v2_datatype(column: pd.Series) -> tuple[str, list]:
+    if pd.api.types.is_bool_dtype(column):
+        return "BOOL", column.astype(bool).tolist()
+    if pd.api.types.is_integer_dtype(column):
+        return "INT64", column.astype(np.int64).tolist()
+    if pd.api.types.is_float_dtype(column):
+        return "FP64", column.astype(np.float64).tolist()
+    return "BYTES", column.astype(str).tolist()
+
+
+def v2_columns(model: str, frame: pd.DataFrame, expected=None) -> Request:
+    """One V2 tensor per column (shape [N]) and the request-level ``content_type: "pd"`` that
+    tells MLServer's and KServe's servers to decode the request with their pandas codec."""
+    inputs = []
+    for name in frame.columns:
+        datatype, data = _v2_datatype(frame[name])
+        inputs.append({"name": name, "shape": [len(frame)], "datatype": datatype, "data": data})
+    body = {"parameters": {"content_type": "pd"}, "inputs": inputs}
+    return Request(f"/v2/models/{model}/infer", orjson.dumps(body), {"Content-Type": "application/json"},
+                   None if expected is None else tuple(expected))

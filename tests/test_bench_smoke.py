@@ -29,7 +29,7 @@ def test_harness_runs_every_peer_and_writes_results_table_and_plot(tmp_path):
     out = tmp_path / "results"
     servers = ("ours", "serve-minimal", "fastapi", "fastapi-1", "mlserver")
     command = [sys.executable, "-m", "bench.harness", "--servers", ",".join(servers), "--rounds", "1",
-               "--workloads", "xgb-1,xgb-1000-binary", "--concurrency", "2", "--lever-concurrency", "2",
+               "--workloads", "xgb-1,xgb-1000-binary,churn-1000", "--concurrency", "2", "--lever-concurrency", "2",
                "--levers", "npy", "--duration", "1", "--warmup", "0", "--limit-seconds", "0.3", "--out", str(out)]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -37,9 +37,13 @@ def test_harness_runs_every_peer_and_writes_results_table_and_plot(tmp_path):
 
     results = json.loads((out / "bench.json").read_text())
     cells = {(c["server"], c["workload"], c["concurrency"]): c for c in results["cells"]}
-    # MLServer's REST API takes JSON only: it has no binary cell
-    assert set(cells) == {(s, w, 2) for s in servers for w in ("xgb-1", "xgb-1000-binary")} - {
+    # MLServer's REST API takes JSON only: it has no binary cell. Every server serves the
+    # mixed-type table (MLServer through its PandasCodec); the harness checked each one's labels
+    # against the in-memory pipeline's before measuring it.
+    assert set(cells) == {(s, w, 2) for s in servers for w in ("xgb-1", "xgb-1000-binary", "churn-1000")} - {
         ("mlserver", "xgb-1000-binary", 2)}
+    assert {cells[(s, "churn-1000", 2)]["bytes_per_request"] for s in servers} == {
+        cells[("ours", "churn-1000", 2)]["bytes_per_request"]}  # one body for all
     replicas = results["meta"]["ingress_replicas"]
     assert replicas == 2  # the shipped config's idle ingress replicas
     for (server, _, _), cell in cells.items():
@@ -61,7 +65,7 @@ def test_harness_runs_every_peer_and_writes_results_table_and_plot(tmp_path):
     assert memory["ours"]["rss_mb"] > memory["fastapi"]["rss_mb"] > 0
     assert cells[("fastapi", "xgb-1", 2)]["x_fastapi"] == 1.0
     assert "x_fastapi" in cells[("ours", "xgb-1", 2)] and "x_in_process" in cells[("ours", "xgb-1000-binary", 2)]
-    assert set(results["in_process"]) == {"xgb-1", "xgb-1000-binary"}
+    assert set(results["in_process"]) == {"xgb-1", "xgb-1000-binary", "churn-1000"}
     assert [lever["lever"] for lever in results["levers"]] == [
         "application/x-npy instead of the V2 binary extension"]
     goals = {g["goal"] for g in results["goals"]}
@@ -70,6 +74,7 @@ def test_harness_runs_every_peer_and_writes_results_table_and_plot(tmp_path):
 
     table = (out / "bench.md").read_text()
     assert "| workload | c | server | req/s |" in table and "| xgb-1000-binary | 2 | ours |" in table
+    assert "| churn-1000 | 2 | mlserver |" in table
     assert "| `mlserver` | MLServer, parallel workers = our replicas | 2 |" in table
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # nothing left running: not its servers, not a process of the Ray clusters it started
@@ -99,6 +104,50 @@ def test_rounds_alternate_and_cells_are_medians_of_them():
     assert (cell["rps"], cell["rps_min"], cell["rps_max"], cell["rounds"]) == (1000, 900, 1200, 3)
     assert cell["p50_ms"] == 1.5 and cell["p99_ms"] == 4.5 and cell["cpu_us_per_request"] == {"replica": 1100}
     assert cell["requests"] == 300 and cell["workers"] == [2]
+
+
+def test_mixed_type_workload_is_one_body_for_every_server_and_the_fastapi_app_answers_it(tmp_path):
+    """The churn workloads: per-column V2 JSON with ``content_type: "pd"`` (BYTES strings, INT64,
+    FP64, BOOL), no missing values, the same bytes for every server; the careful FastAPI app
+    (also the minimal Serve app's code) answers the published pipeline's labels; MLServer's
+    export asks for its PandasCodec."""
+    import orjson
+    from fastapi.testclient import TestClient
+
+    from bench import harness
+    from bench.model_export import export_model
+    from bench.servers.careful_fastapi import create_app, load_models
+    from bench.workloads import WORKLOADS, answered_labels, table_rows
+    from serve_app.runtimes import load_runtime
+    from serve_app.store import ModelStore
+    from serve_app.tools.train import train_model
+
+    store = ModelStore(str(tmp_path / "store"))
+    train_model("churn", store)
+    export_model(store, "churn", tmp_path / "models", max_batch_size=32, max_batch_time_s=0.002)
+    settings = json.loads((tmp_path / "models" / "churn" / "model-settings.json").read_text())
+    assert settings["implementation"] == "mlserver_sklearn.SKLearnModel"
+    assert settings["parameters"]["content_type"] == "pd"
+    pipeline = load_runtime(store, "churn").model
+    client = TestClient(create_app(load_models(tmp_path / "models")))
+    for key, rows in (("churn-1", 1), ("churn-1000", 1000)):
+        workload = WORKLOADS[key]
+        assert workload.table and workload.rows == rows and not workload.binary
+        frame = table_rows("churn", rows)
+        assert len(frame) == rows and not frame.isna().any().any()
+        requests = {s: harness.request_for(s, workload) for s in harness.SERVERS}
+        assert len({(r.path, r.body) for r in requests.values()}) == 1
+        body = orjson.loads(requests["ours"].body)
+        assert body["parameters"] == {"content_type": "pd"}
+        assert {t["name"]: t["datatype"] for t in body["inputs"]} == {
+            "plan": "BYTES", "region": "BYTES", "contract": "BYTES", "tenure_months": "INT64",
+            "monthly_charges": "FP64", "support_calls": "INT64", "paperless_billing": "BOOL"}
+        assert all(t["shape"] == [rows] for t in body["inputs"])
+        request = requests["fastapi"]
+        answer = client.post(request.path, content=request.body, headers=request.headers)
+        assert answer.status_code == 200, answer.text
+        assert answered_labels(answer.json()) == pipeline.predict(frame).tolist()
+        assert answer.json()["outputs"][0]["datatype"] == "BYTES"
 
 
 def _cmdlines() -> list[list[str]]:

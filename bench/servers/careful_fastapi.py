@@ -4,7 +4,9 @@
 pydantic model of a list of lists), XGBoost through ``Booster.inplace_predict`` with one
 thread (no DMatrix, no scikit-learn wrapper), scikit-learn through the pipeline's own
 ``predict``, the same V2 request body and V2 answer as ours, and a ``.npy`` route for large
-binary requests. One model thread per process: scale with processes, as uvicorn's and
+binary requests. A mixed-type table (one V2 tensor per column, ``"content_type": "pd"``)
+becomes ``pandas.DataFrame({name: data})`` for the pipeline's ``predict``: no schema check,
+no dtype cast beyond what pandas infers from the JSON values. One model thread per process: scale with processes, as uvicorn's and
 XGBoost's docs advise.
 
 Served two ways from this one module, so both run identical user code:
@@ -30,6 +32,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 import orjson
+import pandas as pd
 import xgboost as xgb
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -62,7 +65,7 @@ def load_models(model_dir: Path) -> dict[str, Model]:
 
 
 def v2_answer(name: str, predictions: np.ndarray) -> Response:
-    datatype = "FP64" if predictions.dtype.kind == "f" else "INT64"
+    datatype = {"f": "FP64", "i": "INT64", "u": "INT64", "b": "BOOL"}.get(predictions.dtype.kind, "BYTES")
     body = {"model_name": name, "outputs": [{"name": "predict", "shape": [len(predictions)],
                                              "datatype": datatype, "data": predictions.tolist()}]}
     return Response(orjson.dumps(body), media_type="application/json")
@@ -77,6 +80,9 @@ def create_app(models: dict[str, Model]) -> FastAPI:
         if model is None:
             return JSONResponse({"error": f"no model {name!r}"}, status_code=404)
         body = await request.json()
+        if (body.get("parameters") or {}).get("content_type") == "pd":  # one tensor per column
+            frame = pd.DataFrame({tensor["name"]: tensor["data"] for tensor in body["inputs"]})
+            return v2_answer(name, model.predict(frame))
         tensor = body["inputs"][0]
         X = np.asarray(tensor["data"], dtype=np.float64).reshape(tensor["shape"])
         return v2_answer(name, model.predict(X))
