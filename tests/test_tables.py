@@ -334,9 +334,10 @@ def test_csv_numbers_in_a_text_column_stay_text_and_empty_cells_are_missing(stor
     assert frame["tenure_months"].tolist() == [12]
 
 
-def test_a_pipeline_that_raises_on_a_clients_values_is_a_400(store, fitted, tmp_path):
-    """An encoder with handle_unknown="error" behind a model that lets unknown values through:
-    the pipeline's own ValueError becomes a 400 with its message."""
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory):
+    """A pipeline whose encoder raises on unknown values (handle_unknown="error"), published as
+    allowing them: the model itself refuses "gold". (store, metadata, in-memory model)"""
     from sklearn.compose import ColumnTransformer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
@@ -348,8 +349,13 @@ def test_a_pipeline_that_raises_on_a_clients_values_is_a_400(store, fitted, tmp_
     X = split.X_train[["plan", "tenure_months"]]
     model = Pipeline([("prepare", ColumnTransformer([("plan", OneHotEncoder(), ["plan"])], remainder="passthrough")),
                       ("classify", LogisticRegression(max_iter=500))]).fit(X, split.y_train)
-    own = ModelStore(str(tmp_path))
-    meta = publish(model, "strict", X, store=own, unknown_categories="allow")
+    own = ModelStore(str(tmp_path_factory.mktemp("strict")))
+    return own, publish(model, "strict", X, store=own, unknown_categories="allow"), model
+
+
+def test_a_pipeline_that_raises_on_a_clients_values_is_a_400(strict):
+    """The pipeline's own ValueError on a client's value becomes a 400 with its message."""
+    own, meta, _ = strict
     decoded = v1.decode_request({"instances": [{"plan": "gold", "tenure_months": 3}]}, meta, False)
     runtime = load_runtime(own, "strict")
     with pytest.raises(BadInput) as caught:
@@ -357,22 +363,10 @@ def test_a_pipeline_that_raises_on_a_clients_values_is_a_400(store, fitted, tmp_
     assert caught.value.reason == "rejected_by_model" and "gold" in caught.value.message
 
 
-def test_in_a_batch_only_the_request_the_model_refused_fails(tmp_path):
+def test_in_a_batch_only_the_request_the_model_refused_fails(strict):
     """Rows of two requests share a model call; the pipeline raises on one request's value:
     that request gets the 400, the other its answer."""
-    from sklearn.compose import ColumnTransformer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import OneHotEncoder
-
-    from serve_app import publish
-
-    split = table_split("churn")
-    X = split.X_train[["plan", "tenure_months"]]
-    model = Pipeline([("prepare", ColumnTransformer([("plan", OneHotEncoder(), ["plan"])], remainder="passthrough")),
-                      ("classify", LogisticRegression(max_iter=500))]).fit(X, split.y_train)
-    own = ModelStore(str(tmp_path))
-    meta = publish(model, "strict", X, store=own, unknown_categories="allow")
+    own, meta, model = strict
     worker = ModelWorker(load_runtime(own, "strict"), ModelSpec(name="strict"))
     good = [{"plan": "basic", "tenure_months": 3}, {"plan": "premium", "tenure_months": 40}]
     items = [(v1.decode_request({"instances": rows}, meta, False).inputs, ("predict",))
