@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from typing import ContextManager, Iterator
 import httpx
 import yaml
 
-from serve_app.tools.localserve import (FAST_PATH_ENV, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
+from serve_app.tools.localserve import (FAST_PATH_ENV, free_port, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
                                   stop_ray_cluster, wait_ready)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +30,6 @@ BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 300  # a loaded 2-core machine starts Ray and replicas slowly
 DRAIN_WAIT_S = 120
 RAY_START_ATTEMPTS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def session_processes(session: int) -> list:
@@ -68,6 +61,32 @@ def session_memory(session: int) -> dict:
             continue
         count, rss, pss = count + 1, rss + info.rss, pss + getattr(info, "pss", info.rss)
     return {"processes": count, "rss_mb": round(rss / 2**20), "pss_mb": round(pss / 2**20)}
+
+
+def other_raylets(own_temp_dirs) -> int:
+    """Raylets on this machine that belong to no cluster of ours (each one a Ray someone else
+    runs: a shared machine's tests, a ``make serve``): a cell measured beside one shares the cores."""
+    import psutil
+
+    count = 0
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            line = " ".join(proc.info["cmdline"] or ())
+            if proc.info["name"] == "raylet" and not any(str(d) in line for d in own_temp_dirs):
+                count += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return count
+
+
+def wait_for_other_rays(own_temp_dirs, timeout_s: float) -> None:
+    """Before starting a Ray: wait (up to ``timeout_s``) until no other Ray runs here."""
+    deadline, told = time.monotonic() + timeout_s, False
+    while (others := other_raylets(own_temp_dirs)) and time.monotonic() < deadline:
+        if not told:
+            print(f"  waiting for {others} other Ray(s) on this machine to stop (up to {timeout_s:.0f} s)", flush=True)
+            told = True
+        time.sleep(5)
 
 
 @dataclass

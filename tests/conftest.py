@@ -10,7 +10,6 @@ import copy
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import pytest
 import yaml
 
 from serve_app.store import ModelStore
-from serve_app.tools.localserve import (FAST_PATH_ENV, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
+from serve_app.tools.localserve import (FAST_PATH_ENV, free_port, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
                                   stop_ray_cluster, wait_ready)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +34,6 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Token auth stays on (Ray's default); clients find the token in ~/.ray/auth_token. Set at
 # import, before any test module imports ray: Ray reads its auth mode once per process.
 os.environ["RAY_AUTH_MODE"] = "token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def require_tool(name: str) -> str:

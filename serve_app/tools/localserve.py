@@ -7,7 +7,9 @@ wait for it, and must leave nothing behind for the next run.
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import time
 
@@ -26,6 +28,29 @@ HAPROXY_RETRY_ON = "conn-failure empty-response"
 # (docs/performance.md#levers, docs/monitoring.md).
 FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_RETRY_ON": HAPROXY_RETRY_ON,
                  "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
+
+
+# Ports for local servers come from below the kernel's ephemeral range (32768-60999 by
+# default), where the kernel never hands out a port to someone else's outgoing connection or
+# bind(0), and above Ray's worker port range (10002-19999): a port picked with bind(0) is in
+# the ephemeral range, and one of Ray's many processes may take it before HAProxy binds it.
+LOCAL_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port free on every interface now, never handed out before by this process."""
+    for port in random.sample(LOCAL_PORTS, 200):
+        if port in _handed_out:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {LOCAL_PORTS}")
 
 
 def haproxy_paths(base: Path) -> dict[str, str]:
