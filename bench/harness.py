@@ -26,6 +26,7 @@ import argparse
 import copy
 import os
 import shutil
+import signal
 import statistics
 import sys
 import threading
@@ -315,12 +316,14 @@ class Run:
         if self.args.warmup > 0:
             loadgen.wrk(url + request.path, script, concurrency, self.args.warmup)
         session = set(p.pid for p in launch.session_processes(endpoint.session))
+        other_rays = launch.other_raylets(self.ray_temp_dirs)
         memory: dict = {}
         sampler = _sample_memory(endpoint.session, self.args.duration / 2, memory)
         before = cpushare.ticks()
         result = loadgen.wrk(url + request.path, script, concurrency, self.args.duration)
         after = cpushare.ticks()
         sampler.join()
+        other_rays = max(other_rays, launch.other_raylets(self.ray_temp_dirs))
         session |= set(p.pid for p in launch.session_processes(endpoint.session))
         # CPU by process kind: the server's own processes by name, the load generator, the rest
         used = cpushare.cpu_seconds(before, {
@@ -331,11 +334,12 @@ class Run:
                 "round": self.round, "bytes_per_request": len(request.body), **result,
                 "rows_per_s": result["rps"] * workload.rows, "workers": endpoint.workers(),
                 "memory_under_load": memory, "cpu_us_per_request": cpu_per_request(used, requests),
-                "load_avg_1m": round(os.getloadavg()[0], 2)}
+                "load_avg_1m": round(os.getloadavg()[0], 2), "other_ray_clusters": other_rays}
         print(f"  {label:<40} {workload.key:<16} c={concurrency:<3} {result['rps']:>8.0f} req/s "
               f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.1f} ms  errors "
               f"{result['non_2xx'] + result['socket_errors']}  workers {cell['workers']}  "
-              f"(load {cell['load_avg_1m']})", flush=True)
+              f"(load {cell['load_avg_1m']})" + (f"  OTHER RAY RUNNING ({other_rays})" if other_rays else ""),
+              flush=True)
         return cell
 
     def server_cells(self, server: str, endpoint: Endpoint) -> None:
@@ -388,6 +392,7 @@ def run_round(run: Run, servers: Servers) -> None:
         cluster = None
         for server in order:
             if server in RAY_SERVERS and cluster is None:
+                launch.wait_for_other_rays(run.ray_temp_dirs, run.args.wait_for_other_ray)
                 cluster = ray.enter_context(launch.ray_cluster(ha_proxy=True, work=run.logs))
                 run.ray_temp_dirs.append(str(cluster.temp_dir))
             print(f"round {run.round}: {server} ({report.SERVER_TITLES[server]})", flush=True)
@@ -409,6 +414,7 @@ def after_rounds(run: Run, store: Path, results: dict) -> None:
         groups = {(True, ()): None, **groups}
     for ha_proxy, env in groups:
         levers = [lever for lever in chosen if (lever.ha_proxy, lever.cluster_env) == (ha_proxy, env)]
+        launch.wait_for_other_rays(run.ray_temp_dirs, run.args.wait_for_other_ray)
         with launch.ray_cluster(ha_proxy=ha_proxy, work=run.logs, extra_env=dict(env)) as cluster:
             run.ray_temp_dirs.append(str(cluster.temp_dir))
             if memory and (ha_proxy, env) == (True, ()):
@@ -464,6 +470,7 @@ def median_cells(samples: list[dict]) -> list[dict]:
             "rps_min": min(r["rps"] for r in rounds), "rps_max": max(r["rps"] for r in rounds),
             "requests": sum(r["requests"] for r in rounds), "non_2xx": sum(r["non_2xx"] for r in rounds),
             "socket_errors": sum(r["socket_errors"] for r in rounds),
+            "rounds_beside_other_ray": sum(bool(r.get("other_ray_clusters")) for r in rounds),
             "workers": sorted({r["workers"] for r in rounds}),
             "rss_mb_under_load": med_or_none([r["memory_under_load"].get("rss_mb") for r in rounds]),
             "cpu_us_per_request": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
@@ -508,6 +515,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # absolute: the store's path goes into the Serve config, read by replicas in other directories
     parser.add_argument("--out", type=lambda text: Path(text).resolve(), default=ROOT / "bench" / "results")
     parser.add_argument("--mlserver-venv", type=Path, default=MLSERVER_VENV)
+    parser.add_argument("--wait-for-other-ray", type=float, default=0.0, metavar="SECONDS",
+                        help="before each Ray start, wait up to this long until no other Ray runs on the machine "
+                             "(a shared machine; default 0: start at once). Cells measured beside another Ray "
+                             "are flagged either way (other_ray_clusters)")
     args = parser.parse_args(argv)
     defaults = {"workloads": list(WORKLOADS), "concurrency": [1, 16, 64], "levers": list(LEVERS), "rounds": 3,
                 "limit_seconds": 2.0, "duration": 8.0, "warmup": 2.0, "memory": True}
@@ -525,6 +536,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (a kill, a CI timeout) unwinds like Ctrl-C: every server and Ray of the run is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (make bench installs it: apt-get install wrk)")
     if "mlserver" in args.servers and not (args.mlserver_venv / "bin" / "mlserver").exists():

@@ -187,6 +187,10 @@ def markdown(results: dict) -> str:
             lines.append(f"| {lever['lever']} | {lever['workload']} | {lever['concurrency']} | "
                          f"{_fmt(lever['rps'])} | {_fmt(lever['p50_ms'], 2)} | {_fmt(lever['p99_ms'], 1)} | "
                          f"{_fmt(ratio, 2)} |")
+    beside = [c for c in results["cells"] if c.get("rounds_beside_other_ray")]
+    if beside:
+        lines += ["", "Measured while another Ray ran on the machine (rounds of the cell): " + ", ".join(
+            f"{c['server']} {c['workload']} c={c['concurrency']} ({c['rounds_beside_other_ray']})" for c in beside)]
     if results.get("failures"):
         lines += ["", "Failed during the run: " + "; ".join(f"{f['lever']}: {f['error']}" for f in results["failures"])]
     if results.get("codecs"):
