@@ -105,12 +105,15 @@ def component(pins: Pins) -> str:
 
 def generated_files(root: Path = ROOT) -> dict[Path, str]:
     """Relative path -> content of every generated file, from the sources as they are now."""
+    from serve_app.tools import ray_dashboards  # Ray's Grafana dashboards, from the installed (pinned) Ray
+
     pins = read_pins(root)
     serve_config = (root / SERVE_CONFIG).read_text()
     return {
         GENERATED_DIR / "kustomization.yaml": component(pins),
         GENERATED_DIR / "rayservice.yaml": rayservice_patch(serve_config, pins),
         alert_rules.MANIFEST: alert_rules.render(root),
+        **ray_dashboards.generated_files(pins.ray_version),
     }
 
 
