@@ -20,6 +20,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -350,15 +352,14 @@ def test_prod_survives_a_head_restart_and_keeps_replicas_off_the_head():
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     assert spec["excludeHeadPodFromServeSvc"] is True
     ft = cluster["gcsFaultToleranceOptions"]
-    host, _, port = ft["redisAddress"].partition(":")
+    address = urllib.parse.urlparse(ft["redisAddress"])
+    host, port = address.hostname, address.port
     assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "serve-app-redis", "key": "password"}
     # KubeRay refuses the older ways of configuring Redis next to gcsFaultToleranceOptions.
     head_env = {e["name"] for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
     assert not {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD"} & head_env
     redis_service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == host)
-    assert any(p["port"] == int(port) for p in redis_service["spec"]["ports"])
-    external = next(o for o in rendered("prod+redis-external") if o["metadata"]["name"] == host)
-    assert external["spec"]["type"] == "ExternalName"
+    assert any(p["port"] == port for p in redis_service["spec"]["ports"])
     assert not any(o["kind"] == "StatefulSet" for o in rendered("prod+redis-external"))
     workers = cluster["workerGroupSpecs"]
     dev_workers = rayservice("dev")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
@@ -403,7 +404,7 @@ def test_pods_are_locked_down_and_sized(variant):
 def test_only_the_autoscaler_gets_the_kubernetes_api_token():
     cluster = rayservice("prod")["spec"]["rayClusterConfig"]
     volumes = {v["name"]: v for v in cluster["headGroupSpec"]["template"]["spec"]["volumes"]}
-    mounts = cluster["autoscalerOptions"]["volumeMounts"]
+    mounts = [m for m in cluster["autoscalerOptions"]["volumeMounts"] if m["mountPath"] != "/tmp"]
     assert [m["mountPath"] for m in mounts] == ["/var/run/secrets/kubernetes.io/serviceaccount"]
     sources = volumes[mounts[0]["name"]]["projected"]["sources"]
     assert any("serviceAccountToken" in s for s in sources)
@@ -422,10 +423,10 @@ def test_network_policy_ports_exist_and_the_dashboard_stays_internal(variant):
             "dashboard": 8265, "gcs-server": 6379, "client": 10001}.items() <= ports["head"].items()
     for name, worker_ports in ports.items():
         assert {"metrics": 8080, "serve": 8000}.items() <= worker_ports.items(), name
-    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "serve-app-ray")
-    named = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].startswith("serve-app-ray")]
+    named = {p["port"] for policy in policies for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
     assert named <= set(ports["head"]), named - set(ports["head"])
-    open_to_all = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+    open_to_all = [rule for policy in policies for rule in policy["spec"]["ingress"] if "from" not in rule]
     assert [p["port"] for rule in open_to_all for p in rule["ports"]] == ["serve"]
     # Ingresses route only to the serve Service's serve port; never the head Service (dashboard).
     for ingress in (o for o in objects if o["kind"] == "Ingress"):
@@ -483,3 +484,375 @@ def test_kubernetes_page_secrets_and_services_are_the_manifests_ones():
             assert service in (f"{name}-serve-svc", f"{name}-head-svc") and int(port) in head_ports
     assert {s for s, _, _ in forwards} >= {f"{name}-serve-svc", f"{name}-head-svc"}
     assert f"kubectl apply --server-side -k cluster/overlays/dev" in section
+
+
+# -- what the cluster's controllers would do with the objects (beyond any schema) ----------------
+# KubeRay v1.7.0 labels the Pods it creates (ray-operator/controllers/ray/common/pod.go,
+# labelPod): these keys are set on every Ray Pod; the template's own labels win, except for
+# ray.io/node-type, ray.io/group and ray.io/cluster, which KubeRay always sets itself.
+def kuberay_pod_labels(template: dict, cluster: str, node_type: str, group: str) -> dict[str, str]:
+    labels = {"ray.io/is-ray-node": "yes", "ray.io/identifier": f"{cluster}-{node_type}",
+              "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    labels.update(template.get("metadata", {}).get("labels", {}))
+    labels.update({"ray.io/cluster": cluster, "ray.io/node-type": node_type, "ray.io/group": group})
+    return labels
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A Pod as a NetworkPolicy or a PodDisruptionBudget sees it."""
+
+    namespace: str
+    labels: dict
+    ports: dict  # container port name -> number
+    namespace_labels: dict | None = None
+
+    @property
+    def ns_labels(self) -> dict:
+        return self.namespace_labels or {"kubernetes.io/metadata.name": self.namespace}
+
+
+def ray_pods(variant: str, cluster: str = "serve-app-abc12") -> dict[str, Pod]:
+    """The Pods KubeRay would create for the variant's RayService (one per group)."""
+    rs = rayservice(variant)
+    namespace = rs["metadata"]["namespace"]
+    spec = rs["spec"]["rayClusterConfig"]
+    groups = [("head", "head", "headgroup", spec["headGroupSpec"]["template"])]
+    groups += [(f"worker {g['groupName']}", "worker", g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
+    return {name: Pod(namespace, kuberay_pod_labels(template, cluster, node_type, group),
+                      {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])})
+            for name, node_type, group, template in groups}
+
+
+def matches(selector: dict | None, labels: dict) -> bool:
+    """A LabelSelector (matchLabels and matchExpressions); an empty one matches everything."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if not {"In": lambda: labels.get(key) in values, "NotIn": lambda: labels.get(key) not in values,
+                "Exists": lambda: key in labels, "DoesNotExist": lambda: key not in labels}[op]():
+            return False
+    return True
+
+
+def admitted(policies: list[dict], peer: Pod, target: Pod, port: int) -> bool:
+    """Kubernetes' NetworkPolicy ingress semantics: a Pod no policy selects takes everything;
+    otherwise a connection needs one rule of one selecting policy whose peers and ports admit it.
+    A peer with only a podSelector means Pods of the policy's own namespace; namespaceSelector and
+    podSelector in one peer must both match. Named ports resolve on the target Pod."""
+    selecting = [p for p in policies if p["metadata"]["namespace"] == target.namespace
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                 and matches(p["spec"]["podSelector"], target.labels)]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            peer_ok = peers is None or any(
+                (matches(f["namespaceSelector"], peer.ns_labels) if "namespaceSelector" in f
+                 else peer.namespace == policy["metadata"]["namespace"])
+                and matches(f.get("podSelector"), peer.labels)
+                for f in peers)
+            ports = rule.get("ports")
+            port_ok = ports is None or any(
+                (target.ports.get(p["port"]) if isinstance(p["port"], str) else p["port"]) == port for p in ports)
+            if peer_ok and port_ok:
+                return True
+    return False
+
+
+def policies_of(variant: str) -> list[dict]:
+    return [o for o in rendered(variant) if o["kind"] == "NetworkPolicy"]
+
+
+def peer_namespaces() -> dict:
+    return yaml.safe_load((CLUSTER / "base" / "peer-namespaces.yaml").read_text())["data"]
+
+
+# The KubeRay operator's Pod labels, v1.7.0: the Helm chart (helm-chart/kuberay-operator,
+# templates/deployment.yaml with values.yaml's nameOverride/componentOverride) and the kustomize
+# install (ray-operator/config/manager/manager.yaml).
+OPERATOR_INSTALLS = {
+    "helm": {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+             "app.kubernetes.io/component": "kuberay-operator"},
+    "kustomize": {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_both_operator_installs_reach_the_dashboard_and_nobody_else_does(variant):
+    pods, policies = ray_pods(variant), policies_of(variant)
+    head = pods["head"]
+    operator_ns = peer_namespaces()["kuberay-operator"]
+    for install, labels in OPERATOR_INSTALLS.items():
+        operator = Pod(operator_ns, labels, {})
+        assert admitted(policies, operator, head, head.ports["dashboard"]), f"{install} operator shut out"
+        assert admitted(policies, operator, head, head.ports["serve"]), f"{install} operator cannot probe serve"
+        assert not admitted(policies, operator, head, head.ports["gcs-server"])
+        # the same labels in another namespace are somebody else's Pod
+        assert not admitted(policies, Pod("tenant-a", labels, {}), head, head.ports["dashboard"])
+    assert not admitted(policies, Pod(operator_ns, {"app": "other"}, {}), head, head.ports["dashboard"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prometheus_scrapes_every_metrics_port_and_only_those(variant):
+    pods, policies = ray_pods(variant), policies_of(variant)
+    prometheus = Pod(peer_namespaces()["prometheus"], {"app.kubernetes.io/name": "prometheus"}, {})
+    elsewhere = Pod("default", {"app.kubernetes.io/name": "prometheus"}, {})
+    scraped = {p["port"] for o in rendered(variant) if o["kind"] == "PodMonitor"
+               for p in o["spec"]["podMetricsEndpoints"]}
+    assert "haproxy-metrics" in scraped
+    for name, pod in pods.items():
+        for port_name in scraped & set(pod.ports):
+            assert admitted(policies, prometheus, pod, pod.ports[port_name]), (name, port_name)
+            assert not admitted(policies, elsewhere, pod, pod.ports[port_name]), (name, port_name)
+        for internal in ("dashboard", "gcs-server", "client"):
+            if internal in pod.ports:
+                assert not admitted(policies, prometheus, pod, pod.ports[internal]), (name, internal)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ray_pods_reach_each_other_and_strangers_only_the_serve_port(variant):
+    pods, policies = ray_pods(variant), policies_of(variant)
+    stranger = Pod("default", {"app": "client"}, {})
+    for name, pod in pods.items():
+        for other in pods.values():
+            assert admitted(policies, other, pod, 6379) and admitted(policies, other, pod, 45678), name
+        assert admitted(policies, stranger, pod, pod.ports["serve"]), name
+        assert not [p for p, n in pod.ports.items() if p != "serve" and admitted(policies, stranger, pod, n)], name
+    # During an upgrade the second RayCluster's Pods reach the first's (same labels but ray.io/cluster).
+    newer = ray_pods(variant, cluster="serve-app-def34")
+    assert admitted(policies, newer["worker cpu"], pods["head"], 6379)
+
+
+def test_redis_admits_only_the_apps_pods():
+    policies = policies_of("prod")
+    redis_template = next(o for o in rendered("prod") if o["kind"] == "StatefulSet")["spec"]["template"]
+    redis = Pod("serve-app", redis_template["metadata"]["labels"], {"redis": 6379})
+    assert admitted(policies, ray_pods("prod")["head"], redis, 6379)
+    assert not admitted(policies, Pod("serve-app", {"app": "other"}, {}), redis, 6379)
+
+
+def test_peer_namespaces_come_from_one_place(tmp_path):
+    """Edit peer-namespaces.yaml: both NetworkPolicies and the head's Prometheus/Grafana
+    addresses follow; no ConfigMap is applied."""
+    shutil.copytree(CLUSTER, tmp_path / "cluster")
+    path = tmp_path / "cluster" / "base" / "peer-namespaces.yaml"
+    path.write_text(path.read_text().replace("kuberay-operator: kuberay-system", "kuberay-operator: ops")
+                    .replace("prometheus: monitoring", "prometheus: observability"))
+    objects = manifests.render(tmp_path / "cluster" / "overlays" / "prod")
+    selectors = {o["metadata"]["name"]: o["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]
+                 for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].startswith("serve-app-ray-from")}
+    assert selectors == {"serve-app-ray-from-operator": {"kubernetes.io/metadata.name": "ops"},
+                         "serve-app-ray-from-monitoring": {"kubernetes.io/metadata.name": "observability"}}
+    head = manifests.the_rayservice(objects)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    env = {e["name"]: e.get("value") for e in head["spec"]["containers"][0]["env"]}
+    assert ".observability.svc" in env["RAY_PROMETHEUS_HOST"] and ".observability.svc" in env["RAY_GRAFANA_HOST"]
+    assert not any(o["kind"] == "ConfigMap" and o["metadata"]["name"] == "serve-app-peer-namespaces" for o in objects)
+
+
+def test_node_drains_can_evict_workers():
+    """PodDisruptionBudgets on Pods whose owner has no scale subresource (a RayCluster) must use
+    an integer minAvailable: with maxUnavailable or a percentage the disruption controller cannot
+    count the expected Pods and allows no eviction at all."""
+    objects = rendered("prod")
+    pdbs = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    assert pdbs
+    pods = ray_pods("prod")
+    workers = rayservice("prod")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    for pdb in pdbs:
+        spec = pdb["spec"]
+        assert "maxUnavailable" not in spec and isinstance(spec.get("minAvailable"), int), spec
+        assert spec.get("unhealthyPodEvictionPolicy") == "AlwaysAllow"
+        covered = [name for name, pod in pods.items() if matches(spec["selector"], pod.labels)]
+        assert covered and "head" not in covered, covered
+        # At the minimum size a drain can still take one worker.
+        at_minimum = sum(g["minReplicas"] for g in workers if f"worker {g['groupName']}" in covered)
+        assert 1 <= spec["minAvailable"] < at_minimum, (spec["minAvailable"], at_minimum)
+
+
+# -- sizing: Serve's demand against the Ray cluster's supply -------------------------------------
+def serve_cpu_demand(config: dict) -> tuple[list[float], list[float]]:
+    """The CPU of every replica Serve asks for at the deployments' minimum and maximum."""
+    low, high = [], []
+    for app in config["applications"]:
+        for deployment in app.get("deployments", []):
+            cpus = float(deployment.get("ray_actor_options", {}).get("num_cpus", 1))
+            scaling = deployment.get("autoscaling_config")
+            n_min = scaling["min_replicas"] if scaling else deployment.get("num_replicas", 1)
+            n_max = scaling["max_replicas"] if scaling else deployment.get("num_replicas", 1)
+            low += [cpus] * n_min
+            high += [cpus] * n_max
+    return low, high
+
+
+def node_cpus(group: dict) -> float:
+    """num-cpus as KubeRay starts the node: rayStartParams, else the container's CPU limit."""
+    if "num-cpus" in group.get("rayStartParams", {}):
+        return float(group["rayStartParams"]["num-cpus"])
+    limit = str(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    return float(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+
+
+def nodes_needed(replicas: list[float], head_cpus: float, worker_cpus: float) -> int | None:
+    """Workers first-fit-decreasing packing needs beside the head for these replicas."""
+    bins = [head_cpus]
+    for cpus in sorted(replicas, reverse=True):
+        for i, free in enumerate(bins):
+            if cpus <= free + 1e-9:
+                bins[i] -= cpus
+                break
+        else:
+            if cpus > worker_cpus:
+                return None
+            bins.append(worker_cpus - cpus)
+    return len(bins) - 1
+
+
+@pytest.mark.parametrize("variant", ["dev", "prod"])
+def test_serve_scaling_out_makes_the_ray_autoscaler_add_workers(variant):
+    """At its maximum Serve asks for more CPUs than the minimum of workers offers, so the worker
+    group's maxReplicas is reachable; its minimum fits without scaling; and in prod the ceiling is
+    exactly what Serve's maximum needs (more workers could never be used)."""
+    config = yaml.safe_load(rayservice(variant)["spec"]["serveConfigV2"])
+    low, high = serve_cpu_demand(config)
+    cluster = rayservice(variant)["spec"]["rayClusterConfig"]
+    (group,) = cluster["workerGroupSpecs"]
+    head, worker = node_cpus(cluster["headGroupSpec"]), node_cpus(group)
+    assert nodes_needed(low, head, worker) <= group["minReplicas"], "Serve's minimum does not fit the minimum cluster"
+    needed = nodes_needed(high, head, worker)
+    assert needed is not None and needed > group["minReplicas"], (
+        f"Serve's maximum ({sum(high)} CPUs) fits on {group['minReplicas']} workers: worker autoscaling never triggers")
+    if variant == "prod":
+        assert group["maxReplicas"] == needed, f"Serve's maximum needs {needed} workers, maxReplicas is {group['maxReplicas']}"
+
+
+def test_the_sizing_check_fails_on_a_dead_ceiling():
+    config = yaml.safe_load(rayservice("prod")["spec"]["serveConfigV2"])
+    for deployment in config["applications"][0]["deployments"]:
+        deployment["autoscaling_config"]["max_replicas"] = deployment["autoscaling_config"]["min_replicas"]
+    _, high = serve_cpu_demand(config)
+    cluster = rayservice("prod")["spec"]["rayClusterConfig"]
+    assert nodes_needed(high, 0, node_cpus(cluster["workerGroupSpecs"][0])) <= cluster["workerGroupSpecs"][0]["minReplicas"]
+
+
+# -- the Ingress lets through what the app accepts ---------------------------------------------------
+def _nginx_size(text: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kKmMgG]?)", text).groups()
+    return int(number) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit.lower()]
+
+
+@pytest.mark.parametrize("variant", [v for v, spec in VARIANTS.items() if "components/ingress" in spec.get("add", ())])
+def test_ingress_body_size_and_timeouts_follow_the_serve_config(variant):
+    config = yaml.safe_load(rayservice(variant)["spec"]["serveConfigV2"])
+    max_bytes = config["applications"][0]["args"]["max_request_bytes"]
+    timeout = config["http_options"]["request_timeout_s"]
+    (ingress,) = [o for o in rendered(variant) if o["kind"] == "Ingress"]
+    annotations = ingress["metadata"]["annotations"]
+    assert _nginx_size(annotations["nginx.ingress.kubernetes.io/proxy-body-size"]) >= max_bytes
+    for key in ("proxy-read-timeout", "proxy-send-timeout"):
+        value = int(annotations[f"nginx.ingress.kubernetes.io/{key}"])
+        assert timeout < value <= timeout + 10, (key, value, timeout)
+
+
+# -- Redis ------------------------------------------------------------------------------------------
+def test_managed_redis_is_reached_over_tls_with_its_ca():
+    objects = rendered("prod+redis-external")
+    cluster = manifests.the_rayservice(list(objects))["spec"]["rayClusterConfig"]
+    address = urllib.parse.urlparse(cluster["gcsFaultToleranceOptions"]["redisAddress"])
+    assert address.scheme == "rediss" and address.hostname and address.port
+    # The GCS dials the provider's host itself (its certificate names it), not an in-cluster alias.
+    assert not any(o["kind"] in ("Service", "StatefulSet") and "redis" in o["metadata"]["name"] for o in objects)
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in head["containers"][0]["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
+    ca_dir, ca_file = os.path.split(env["RAY_REDIS_CA_CERT"])
+    volume = next(v for v in head["volumes"] if v["name"] == mounts[ca_dir])
+    assert volume["secret"]["secretName"] == "serve-app-redis-ca"
+    assert ca_file in {item["path"] for item in volume["secret"]["items"]}
+    # In-cluster Redis: plain redis:// to the Service of the StatefulSet.
+    in_cluster = urllib.parse.urlparse(rayservice("prod")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"])
+    assert in_cluster.scheme == "redis" and in_cluster.hostname == "serve-app-redis"
+
+
+def test_redis_statefulset_is_governed_by_a_headless_service_and_runs_a_patched_image():
+    objects = rendered("prod")
+    (statefulset,) = [o for o in objects if o["kind"] == "StatefulSet"]
+    governing = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == statefulset["spec"]["serviceName"])
+    assert governing["spec"].get("clusterIP") == "None"
+    assert matches({"matchLabels": governing["spec"]["selector"]}, statefulset["spec"]["template"]["metadata"]["labels"])
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    repository, _, tag = container["image"].partition(":")
+    version = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)\.(\d+)", tag).groups())
+    # The 2025 security fixes (CVE-2025-49844 and others) are in 7.2.11 on the 7.2 line, 7.4.6,
+    # 8.0.4 and 8.2.2; this check knows the 7.2 line, the project's (BSD-licensed) choice.
+    assert repository == "redis" and version[:2] == (7, 2) and version >= (7, 2, 11), container["image"]
+
+
+# -- Pods: pulls, disk, read-only roots, spreading -----------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_image_pull_policy_fits_a_reusable_tag(variant):
+    """The release tag is rebuilt in place for base-image fixes: prod pulls Always; dev runs
+    images loaded into the nodes (kind load) and pulls only when absent. One policy per variant."""
+    rs = rayservice(variant)
+    policies = {c.get("imagePullPolicy") for t in ray_pod_templates(rs).values() for c in t["spec"]["containers"]}
+    policies.add(rs["spec"]["rayClusterConfig"]["autoscalerOptions"].get("imagePullPolicy"))
+    assert policies == ({"IfNotPresent"} if variant.startswith("dev") else {"Always"}), policies
+
+
+def _quantity(text) -> float:
+    match = re.fullmatch(r"([\d.]+)(Ki|Mi|Gi|Ti|k|M|G|m)?", str(text))
+    factor = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "m": 1e-3}
+    return float(match.group(1)) * factor[match.group(2)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_containers_have_read_only_roots_and_bounded_disk(variant):
+    from serve_app.tools.container import WRITABLE_PATHS
+
+    problems = []
+    for name, template in pod_templates(rendered(variant)).items():
+        pod = template["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        containers = list(pod["containers"])
+        if name == "RayService head":
+            containers.append({"name": "autoscaler", **rayservice(variant)["spec"]["rayClusterConfig"]["autoscalerOptions"]})
+        for c in containers:
+            where = f"{name} / {c['name']}"
+            if c.get("securityContext", {}).get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{where}: writable root file system")
+            if not name.startswith("RayService"):
+                continue
+            resources = c["resources"]
+            if not ("ephemeral-storage" in resources.get("requests", {}) and "ephemeral-storage" in resources.get("limits", {})):
+                problems.append(f"{where}: no ephemeral-storage request and limit")
+                continue
+            mounts = {m["mountPath"]: volumes[m["name"]] for m in c.get("volumeMounts", [])}
+            paths = ("/tmp",) if c["name"] == "autoscaler" else WRITABLE_PATHS
+            for path in paths:
+                volume = mounts.get(path)
+                if volume is None or "emptyDir" not in volume:
+                    problems.append(f"{where}: no emptyDir at {path}")
+                elif _quantity(volume["emptyDir"].get("sizeLimit", "1Ei")) > _quantity(resources["limits"]["ephemeral-storage"]):
+                    problems.append(f"{where}: {path} may outgrow the container's ephemeral-storage limit")
+    assert not problems, "\n".join(problems)
+
+
+def test_prod_workers_spread_per_ray_cluster():
+    """During an upgrade two RayClusters run: spreading counts only the new cluster's workers."""
+    for group in rayservice("prod")["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        constraints = group["template"]["spec"]["topologySpreadConstraints"]
+        assert constraints and all("ray.io/cluster" in c.get("matchLabelKeys", []) for c in constraints)
+        pods = ray_pods("prod")
+        assert all(matches(c["labelSelector"], pods[f"worker {group['groupName']}"].labels) for c in constraints)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_haproxy_exporter_port_is_rays(variant):
+    """HAProxy serves its own Prometheus exporter on RAY_SERVE_HAPROXY_METRICS_PORT on every node."""
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_METRICS_PORT
+
+    for name, pod in ray_pods(variant).items():
+        assert pod.ports.get("haproxy-metrics") == RAY_SERVE_HAPROXY_METRICS_PORT, name
