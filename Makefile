@@ -45,7 +45,8 @@ venv: $(STAMP)
 # one is missing, so a laptop that has them is left alone; tests that need one skip without it
 # on a laptop but fail under CI=true, where this target has installed them.
 SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus \
-                buildah:buildah podman:podman debootstrap:debootstrap wrk:wrk chromium:chromium
+                buildah:buildah podman:podman debootstrap:debootstrap wrk:wrk chromium:chromium \
+                redis-server:redis-server redis-cli:redis-tools openssl:openssl
 system-tools:
 	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done | sort -u); \
 	if [ -n "$$missing" ]; then \
