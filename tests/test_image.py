@@ -3,9 +3,10 @@
 No Docker engine or registry is needed: a Debian bookworm + Python 3.11 base is made with
 debootstrap (kept as a local image, tagged by its recipe, so later runs reuse it) and passed
 as BASE_IMAGE to ``make image`` driving buildah. The image then runs its own CMD (read from
-the image config) under ``buildah run`` on the host network with every port moved to a free
-one, answers V1 and V2 requests and its HEALTHCHECK, and stops on SIGTERM as it would under
-``docker stop``, leaving no process behind.
+the image config) on the host network with every port moved to a free one and its root file
+system read-only but for WRITABLE_PATHS (``read_only``: a Kubernetes pod's
+readOnlyRootFilesystem with emptyDirs), answers V1 and V2 requests and its HEALTHCHECK, and
+stops on SIGTERM as it would under ``docker stop``, leaving no process behind.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import signal
 import socket
 import subprocess
@@ -27,6 +29,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, free_port, require_tool
+from serve_app.tools.container import WRITABLE_PATHS
 from serve_app.tools.localserve import wait_ready
 
 TEST_IMAGE = "localhost/serve-app-test:latest"
@@ -120,6 +123,45 @@ def in_container(name: str, command: str, env: dict[str, str] | None = None) -> 
     flags = [f"--env={k}={v}" for k, v in (env or {}).items()]
     return run("buildah", "run", "--isolation", "chroot", "--network", "host", *flags, name,
                "--", "bash", "-c", command).stdout
+
+
+def read_only(root: Path, image: dict, command: list[str], env: dict[str, str] | None = None,
+              writable: tuple[str, ...] = WRITABLE_PATHS) -> list[str]:
+    """argv running ``command`` in the container as a pod with readOnlyRootFilesystem would.
+
+    The container's root file system (``root``, from ``buildah mount``) is bind-mounted
+    read-only in a private mount namespace, with an empty tmpfs at each of ``writable`` (the
+    pod's emptyDirs; their mount points are made first, as the runtime makes them), a private
+    1 GiB /dev/shm, /proc, /sys, /dev and the host's resolv.conf and hosts; then ``command``
+    runs there as the image's user in its WorkingDir with its Env, as ``docker run`` runs it.
+    (Not ``buildah run``: it fails removing its /run/.containerenv from a read-only root, and
+    podman and crun cannot run containers on this machine.) ``command`` execs in place, so the
+    returned argv's process becomes it: signal it as ``docker stop`` signals PID 1.
+    """
+    r = shlex.quote(str(root))
+    nofile = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 1 << 20)  # as `container`
+    user, _, group = image["User"].partition(":")
+    variables = dict(e.split("=", 1) for e in image["Env"]) | (env or {})
+    script = [
+        "set -e",
+        *(f"mkdir -p {r}{shlex.quote(p)}" for p in writable),
+        f"mount --rbind /dev {r}/dev",
+        f"mount -t tmpfs -o size=1g,mode=1777 shm {r}/dev/shm",
+        f"mount -t proc proc {r}/proc",
+        f"mount --rbind /sys {r}/sys",
+        f"mount --bind /etc/resolv.conf {r}/etc/resolv.conf",
+        f"mount --bind /etc/hosts {r}/etc/hosts",
+        *(f"mount -t tmpfs -o mode=1777 tmpfs {r}{shlex.quote(p)}" for p in writable),
+        f"mount -o remount,bind,ro {r}",
+        f"ulimit -n {nofile}",
+        shlex.join(["exec", "chroot", f"--userspec={user}:{group or user}",
+                    f"--groups={group or user}", str(root),
+                    "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in variables.items()),
+                    "/bin/sh", "-c", 'cd "$0" && exec "$@"', image["WorkingDir"] or "/",
+                    *command]),
+    ]
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+            "\n".join(script)]
 
 
 def test_dockerfile_lint_clean():
@@ -216,8 +258,48 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 @pytest.mark.image
 @pytest.mark.slow
+def test_image_root_is_read_only_but_for_the_writable_paths(image, container):
+    """The harness the serving test runs in: writes fail everywhere but WRITABLE_PATHS."""
+    _, root = container
+    probe = ("id -u; for p in /opt/venv /home/ray/app /home/ray/app/model_store /home/ray /etc"
+             " /run /var/tmp \"$@\"; do touch \"$p/.probe\" 2>&1 && echo \"$p: written\"; done")
+    out = run(*read_only(root, image, ["sh", "-c", probe, "sh", *WRITABLE_PATHS])).stdout
+    uid, *lines = out.splitlines()
+    assert uid == image["User"].split(":")[0]
+    assert lines == [*[f"touch: cannot touch '{p}/.probe': Read-only file system" for p in
+                       ["/opt/venv", "/home/ray/app", "/home/ray/app/model_store", "/home/ray",
+                        "/etc", "/run", "/var/tmp"]],
+                     *[f"{p}: written" for p in WRITABLE_PATHS]]
+    assert not (root / "tmp/.probe").exists()  # written to the tmpfs, not the container's layer
+
+
+@pytest.mark.image
+@pytest.mark.slow
+def test_image_cmd_needs_its_home_ray_dir_writable(image, container):
+    """Each writable path but /tmp is there for a reason: without ~/.ray the CMD cannot start."""
+    _, root = container
+    command = (image.get("Entrypoint") or []) + image["Cmd"]
+    assert set(WRITABLE_PATHS) == {"/tmp", "/home/ray/.ray"}
+    proc = subprocess.Popen(read_only(root, image, command, writable=("/tmp",)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:  # had it started Ray after all, nothing of it stays behind
+        for p in descendants(proc.pid):
+            p.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    # (the directory itself, or the token in it once a run made the mount point)
+    assert "Read-only file system: '/home/ray/.ray" in out
+
+
+@pytest.mark.image
+@pytest.mark.slow
 def test_image_cmd_serves_v1_and_v2_and_stops_on_sigterm(image, container, tmp_path):
-    name, _ = container
+    """The CMD as a hardened pod runs it: read-only root, only WRITABLE_PATHS writable."""
+    _, root = container
     command = (image.get("Entrypoint") or []) + image["Cmd"]
     port = free_port()
     # Every port the CMD's Ray and Serve bind, moved off the defaults (the machine is shared).
@@ -231,15 +313,19 @@ def test_image_cmd_serves_v1_and_v2_and_stops_on_sigterm(image, container, tmp_p
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "container.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen(
-        ["buildah", "run", "--isolation", "chroot", "--network", "host",
-         *[f"--env={k}={v}" for k, v in env.items()], name, "--", *command],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(read_only(root, image, command, env),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     started: list[psutil.Process] = []
     try:
         wait_ready(f"{url}/v2/health/ready", proc, timeout=300)
         started = descendants(proc.pid)
         assert any("haproxy" in p.name() for p in started), "the HAProxy fast path is not on"
+        # What Ray wrote went to the writable mounts (seen through the container's root).
+        inside = Path(f"/proc/{proc.pid}/root")
+        assert list((inside / "tmp/ray").glob("session_2*/logs/raylet.out"))
+        assert list((inside / "tmp/haproxy-serve").glob("*/haproxy.cfg"))
+        assert (inside / "home/ray/.ray/auth_token").is_file()
+        assert not (root / "home/ray/.ray/auth_token").exists()
         with httpx.Client(base_url=url, timeout=60) as http:
             v1 = http.post("/v1/models/iris:predict", json={"instances": IRIS_ROWS})
             assert v1.status_code == 200, v1.text
@@ -277,13 +363,13 @@ def test_image_cmd_serves_v1_and_v2_and_stops_on_sigterm(image, container, tmp_p
         # The image's HEALTHCHECK, run inside the container as Docker would.
         check = image["Healthcheck"]["Test"]
         assert check[0] == "CMD"
-        subprocess.run(["buildah", "run", "--isolation", "chroot", "--network", "host",
-                        f"--env=SERVE_PORT={port}", name, "--", *check[1:]], check=True)
+        subprocess.run(read_only(root, image, check[1:], {"SERVE_PORT": port}), check=True)
 
-        # `docker stop`: SIGTERM to the CMD's process; Serve and Ray shut down, exit 0.
+        # `docker stop`: SIGTERM to the CMD's process (the runner exec'd into it); Serve and
+        # Ray shut down, exit 0.
         started = descendants(proc.pid)
-        (main,) = [p for p in started if p.cmdline()[1:] == command[1:]
-                   and Path(p.cmdline()[0]).name == command[0]]
+        main = psutil.Process(proc.pid)
+        assert main.cmdline()[1:] == command[1:] and Path(main.cmdline()[0]).name == command[0]
         main.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=180) == 0
         _, alive = psutil.wait_procs(started, timeout=60)

@@ -32,6 +32,26 @@ from ray.serve.scripts import cli
 
 DEFAULT_CONFIG = "configs/serve_config.yaml"
 
+# The only paths the image writes at run time. Everything else (/opt/venv, the app and its
+# baked model store in /home/ray/app, /etc, /run, ...) can be a read-only root file system
+# (Kubernetes' readOnlyRootFilesystem, ``docker run --read-only``) with these as emptyDir or
+# tmpfs volumes. Found by running the image read-only (tests/test_image.py runs the CMD that
+# way, with exactly these writable), not by reading Ray's source; /dev/shm, Ray's object
+# store, is a mount of its own under every runtime (KubeRay adds an emptyDir there).
+WRITABLE_PATHS = (
+    # Ray's temp root: the session dir (logs, sockets, runtime_env files, metrics discovery),
+    # /tmp/ray/ray_current_cluster, the object store's fallback files, HAProxy's config, admin
+    # socket and logs (/tmp/haproxy-serve), this command's moved copy of the Serve config
+    # (SERVE_PORT), multiprocessing's and joblib's temp dirs.
+    "/tmp",
+    # Ray's token authentication: ray.init() (this CMD) generates ~/.ray/auth_token when Ray
+    # is given no token (no RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and it fails at start if it
+    # cannot write it. KubeRay pods get RAY_AUTH_TOKEN from the Secret and do not write it
+    # (a head's `ray start` + `serve deploy` served read-only with only /tmp writable); the
+    # path is listed once for both, so the image needs the same volumes however it starts.
+    "/home/ray/.ray",
+)
+
 
 def config_for(env: Mapping[str, str]) -> str:
     """Path of the config to run: the shipped one, or a copy on SERVE_PORT when that is set."""
