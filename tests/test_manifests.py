@@ -139,9 +139,10 @@ def _strict(schema):
 
 
 @lru_cache(maxsize=1)
-def crd_validators() -> dict[tuple[str, str], jsonschema.Draft4Validator]:
-    """(apiVersion, kind) -> validator, for every served version of every CRD in the folder."""
-    validators = {}
+def served_crd_schemas() -> dict[tuple[str, str], tuple[str, dict]]:
+    """(apiVersion, kind) -> (the CRD's file name, its openAPIV3Schema), for every served
+    version of every CRD in the folder."""
+    found = {}
     for path in sorted(_crd_dir().glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if not doc or doc.get("kind") != "CustomResourceDefinition":
@@ -149,9 +150,14 @@ def crd_validators() -> dict[tuple[str, str], jsonschema.Draft4Validator]:
             group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]
             for version in doc["spec"]["versions"]:
                 if version.get("served"):
-                    schema = _strict(version["schema"]["openAPIV3Schema"])
-                    validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft4Validator(schema)
-    return validators
+                    found[(f"{group}/{version['name']}", kind)] = (path.name, version["schema"]["openAPIV3Schema"])
+    return found
+
+
+@lru_cache(maxsize=1)
+def crd_validators() -> dict[tuple[str, str], jsonschema.Draft4Validator]:
+    """(apiVersion, kind) -> validator, for every served version of every CRD in the folder."""
+    return {key: jsonschema.Draft4Validator(_strict(schema)) for key, (_, schema) in served_crd_schemas().items()}
 
 
 def validation_errors(obj: dict) -> list[str]:

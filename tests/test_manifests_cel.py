@@ -36,16 +36,14 @@ import copy
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 import pytest
 import yaml
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_bindings, ext_encoders, ext_math, ext_optional, ext_strings
 
-from conftest import IN_CI
 from serve_app.tools import manifests
-from test_manifests import CRD_DIR, VARIANTS, rendered, validation_errors
+from test_manifests import CRD_DIR, VARIANTS, rendered, served_crd_schemas, validation_errors
 
 
 # -- the rules in the CRD folder -----------------------------------------------------------------
@@ -77,30 +75,11 @@ class CRDVersion:
     schema: dict
 
 
-def _crd_dir() -> Path:
-    if not (CRD_DIR / "ray.io_rayservices.yaml").is_file():
-        message = f"no CRDs in {CRD_DIR} (set SERVE_APP_CRD_DIR; docs/kubernetes.md)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return CRD_DIR
-
-
 @lru_cache(maxsize=1)
 def crd_versions() -> dict[tuple[str, str], CRDVersion]:
     """(apiVersion, kind) -> the served version's schema, for every CRD in the folder."""
-    found = {}
-    for path in sorted(_crd_dir().glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if not doc or doc.get("kind") != "CustomResourceDefinition":
-                continue
-            group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]
-            for version in doc["spec"]["versions"]:
-                if version.get("served"):
-                    api_version = f"{group}/{version['name']}"
-                    found[(api_version, kind)] = CRDVersion(path.name, api_version, kind,
-                                                            version["schema"]["openAPIV3Schema"])
-    return found
+    return {(api_version, kind): CRDVersion(crd, api_version, kind, schema)
+            for (api_version, kind), (crd, schema) in served_crd_schemas().items()}
 
 
 def _child(path: str, step: str) -> str:
