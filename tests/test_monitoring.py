@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import yaml
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
 
-from conftest import free_port, require_tool
+from conftest import FLEET, FLEET_MAX_MODELS_PER_REPLICA, TAIL_MODELS, free_port, require_tool
 from serve_app.monitoring.drift import PSI_ALERT_THRESHOLD
 from serve_app.runtimes import load_runtime
 from serve_app.store import ModelStore
@@ -38,6 +39,15 @@ class Prometheus:
 
     def query(self, expr: str) -> list[dict]:
         response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = response.json()
+        assert body["status"] == "success", f"{expr}: {body}"
+        return body["data"]["result"]
+
+    def query_range(self, expr: str, seconds: float, step: float = 1) -> list[dict]:
+        """As a Grafana panel asks: every step over the last ``seconds``."""
+        end = time.time()
+        response = httpx.get(f"{self.url}/api/v1/query_range", timeout=30,
+                             params={"query": expr, "start": end - seconds, "end": end, "step": step})
         body = response.json()
         assert body["status"] == "success", f"{expr}: {body}"
         return body["data"]["result"]
@@ -290,3 +300,169 @@ def test_alert_rules_evaluate_on_real_series(prometheus):
     assert {a["labels"]["feature"] for a in drift} == {"mean_radius"}
     assert rules["ServeDeploymentUnhealthy"]["alerts"] == []
     assert rules["ServeMetricsAbsent"]["alerts"] == []
+
+
+# -- Ray's own dashboards (cluster/monitoring/ray-dashboards/, embedded by the Ray dashboard) ----
+RAY_DASHBOARDS = sorted((ROOT / "cluster" / "monitoring" / "ray-dashboards").glob("*.json"))
+
+# What the Ray dashboard's frontend puts in each iframe URL (var-...), besides var-datasource:
+# the Metrics view passes the session name to the default and data dashboards; the Serve replica
+# charts and "View in Grafana" pass a deployment (and a replica, left at All as the deployment's
+# button does): one view per deployment. Every other variable stays at its default, All.
+# var-Cluster only comes with RAY_GRAFANA_CLUSTER_FILTER, unset here and on the head.
+VIEWS_OF_THE_RAY_DASHBOARD = {
+    "default_grafana_dashboard.json": lambda session: [{"SessionName": session}],
+    "data_grafana_dashboard.json": lambda session: [{"SessionName": session}],
+    "serve_grafana_dashboard.json": lambda session: [{}],
+    "serve_deployment_grafana_dashboard.json": lambda session: [{"Deployment": d} for d in sorted(DEPLOYMENTS)],
+}
+
+# Panels whose series cannot exist on this cluster: a local `ray start` (one node, CPU only, no
+# autoscaler) serving the test applications and running one small Ray Data job, nothing failing.
+# Each still has to evaluate without error.
+_NO_GPU = "no GPU on this machine: Ray exports no ray_node_gpus_*/ray_node_gram_*/GPU resource series"
+_NO_TPU = "no TPU on this machine"
+_NO_AUTOSCALER = "a local `ray start` runs no cluster autoscaler, the exporter of autoscaler_* (KubeRay's head does)"
+_NO_EXCEPTIONS = ("Serve counts exceptions raised in a replica; the app answers every failure with an HTTP "
+                  "status and a reason, so nothing raises")
+_NO_FAILURES = "no worker is OOM-killed or dies unexpectedly during the suite"
+RAY_PANELS_WITHOUT_DATA_HERE: dict[str, dict[str, str]] = {
+    "default_grafana_dashboard.json": {
+        "Node Count": _NO_AUTOSCALER,
+        "Ray OOM Kills (Tasks and Actors)": _NO_FAILURES,
+        "Unexpected System Level Worker Failures": _NO_FAILURES,
+        "Node GPU Usage": _NO_GPU,
+        "Node GPU Usage %": _NO_GPU,
+        "Node GPU Memory Usage (GRAM)": _NO_GPU,
+        "Node GPU Memory Usage (GRAM) %": _NO_GPU,
+        "Node GPU Power": _NO_GPU,
+        "Node GPU Temperature": _NO_GPU,
+        "Node GPU Usage by Component": _NO_GPU,
+        "Node GPU Memory Usage by Component": _NO_GPU,
+        "Logical GPUs Usage": _NO_GPU,
+        "All Placement Groups by State": "no placement group exists: the Serve config asks for no "
+                                         "placement_group_bundles, and Ray Data uses none",
+        "Node TPU Tensorcore Utilization %": _NO_TPU,
+        "Node TPU High Bandwidth Memory Utilization %": _NO_TPU,
+    },
+    "serve_grafana_dashboard.json": {
+        "Error QPS per deployment": _NO_EXCEPTIONS,
+        "Node count": _NO_AUTOSCALER,
+        "Ongoing gRPC Requests": "the applications serve no gRPC (no gRPC proxy runs)",
+    },
+    "serve_deployment_grafana_dashboard.json": {
+        "Error QPS per replica": _NO_EXCEPTIONS,
+    },
+    "data_grafana_dashboard.json": {
+        "Task Completion Time Without Backpressure": (
+            "Ray 2.60's panel reads ray_data_task_completion_time_excl_backpressure_s, a name Ray Data "
+            "never exports (its metric is average_task_completion_time_excl_backpressure_s)"),
+    },
+}
+
+
+def walk_panels(panels: list[dict]) -> list[dict]:
+    found = []
+    for panel in panels:
+        found += walk_panels(panel.get("panels", [])) if panel["type"] == "row" else [panel]
+    return found
+
+
+def _regex_escape(value: str) -> str:
+    """Grafana's escaping of a variable's value inside a Prometheus regex matcher."""
+    return re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\\\1", value)
+
+
+def ray_variables(dashboard: dict, passed: dict[str, str]) -> dict[str, str]:
+    """Each template variable's value in the Ray dashboard's iframe: what its URL passes, and
+    All for the rest (the variable's allValue, or every option of a custom variable)."""
+    values = {}
+    for variable in dashboard["templating"]["list"]:
+        name = variable["name"]
+        if name == "datasource":
+            continue
+        if name in passed:
+            values[name] = _regex_escape(passed[name])
+        else:
+            assert variable.get("includeAll"), f"{name} has no All and the Ray dashboard passes no value"
+            options = [o["value"] for o in variable.get("options", []) if o["value"] != "$__all"]
+            values[name] = variable.get("allValue") or "(" + "|".join(map(_regex_escape, options)) + ")"
+    # Grafana's built-ins for the Metrics view's range (now-5m) and a 1 s scrape.
+    values.update({"__rate_interval": "1m", "__range": "5m"})
+    return values
+
+
+def as_ray_promql(expr: str, variables: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables.get(m.group(1) or m.group(2), m.group(0)), expr)
+
+
+def run_a_ray_data_job() -> None:
+    """A small Ray Data pipeline on the live cluster (the fixture's driver): reads, a map, and a
+    slow consumer, so the data dashboard's operator, throughput and iterator series exist for
+    several scrapes (Ray Data drops its gauges when a dataset finishes)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_per_node_metrics = True  # the "(by Node)" panels; off by default
+    ds = ray.data.range(20_000, override_num_blocks=20).map_batches(
+        lambda batch: {"id": batch["id"] * 2}, num_cpus=0.1)
+    rows = 0
+    for batch in ds.iter_batches(batch_size=250):
+        rows += len(batch["id"])
+        time.sleep(0.1)  # ~8 s of iteration
+    assert rows == 20_000
+
+
+@pytest.fixture(scope="module")
+def ray_data_ran(prometheus, serve_cluster) -> None:
+    run_a_ray_data_job()
+    prometheus.wait_for('max_over_time(ray_data_output_bytes[5m])', bool, timeout=60, what="Ray Data's series scraped")
+
+
+def test_ray_writes_the_dashboards_we_ship_for_its_session(serve_cluster):
+    """The live head's own files (metrics/grafana/dashboards/) are the shipped ones."""
+    from serve_app.tools.ray_dashboards import normalise
+
+    written = serve_cluster.session_dir / "metrics" / "grafana" / "dashboards"
+    assert RAY_DASHBOARDS
+    for path in RAY_DASHBOARDS:
+        assert normalise((written / path.name).read_text()) == path.read_text(), path.name
+
+
+@pytest.mark.parametrize("path", RAY_DASHBOARDS, ids=[p.name for p in RAY_DASHBOARDS])
+def test_every_ray_dashboard_panel_evaluates_with_data(prometheus, serve_cluster, http, ray_data_ran, path):
+    """Each panel's PromQL as Grafana sends it from the Ray dashboard's iframes: variables filled
+    as the frontend fills them, a range query over the view's last 5 minutes (instant where the
+    target says so). Every query succeeds; every panel draws something on some view, unless it
+    is listed with its reason in RAY_PANELS_WITHOUT_DATA_HERE."""
+    dashboard = json.loads(path.read_text())
+    session = serve_cluster.session_dir.resolve().name
+    exempt = RAY_PANELS_WITHOUT_DATA_HERE[path.name]
+    panels = walk_panels(dashboard["panels"])
+    titles = [p["title"] for p in panels]
+    assert set(exempt) <= set(titles), f"exempt panels no longer in the dashboard: {set(exempt) - set(titles)}"
+    # Traffic through every deployment: in-process iris, the dedicated diabetes deployment and
+    # multiplexed long-tail models (both through DeploymentHandles, so their routers report), one
+    # more of those than a replica holds, so one is evicted (the unload panels).
+    assert http.post("/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}).status_code == 200
+    assert http.post("/v1/models/diabetes:predict", json={"instances": [[0.0] * 10]}).status_code == 200
+    for name in TAIL_MODELS[:FLEET_MAX_MODELS_PER_REPLICA + 1]:
+        assert http.post(f"{FLEET}/v1/models/{name}:predict",
+                         json={"instances": [[5.1, 3.5, 1.4, 0.2]]}).status_code == 200
+    time.sleep(4)  # the requests' series reported (1 s) and scraped (1 s)
+    with_data: set[str] = set()
+    last: dict[str, list[str]] = {}
+    for passed in VIEWS_OF_THE_RAY_DASHBOARD[path.name](session):
+        variables = ray_variables(dashboard, passed)
+        for panel in panels:
+            exprs = [as_ray_promql(t["expr"], variables) for t in panel["targets"]]
+            assert exprs, f"panel {panel['title']!r} has no query"
+            for target, expr in zip(panel["targets"], exprs):
+                assert "$" not in expr, f"unhandled template variable in {expr}"
+                result = (prometheus.query(expr) if target.get("instant")
+                          else prometheus.query_range(expr, seconds=300))  # both assert success
+                if result:
+                    with_data.add(panel["title"])
+            last[panel["title"]] = exprs
+    unexplained = {t: e for t, e in last.items() if t not in with_data and t not in exempt}
+    assert not unexplained, "panels without data:\n" + "\n".join(f"{t}: {e}" for t, e in unexplained.items())
