@@ -273,6 +273,16 @@ def test_kuberay_probes_pass(prod_like):
         assert serve.status_code == 200 and serve.text == "success", node.role
 
 
+def test_every_nodes_haproxy_exports_its_metrics(prod_like):
+    """What the PodMonitors scrape on the port named haproxy-metrics: HAProxy's own Prometheus
+    exporter, on every node that serves, with the serving frontend and its backends."""
+    for node in prod_like.serving:
+        response = httpx.get(f"http://127.0.0.1:{node.haproxy_ports[2]}/metrics", timeout=10)
+        assert response.status_code == 200, node.role
+        assert 'haproxy_frontend_http_requests_total{proxy="http_frontend"}' in response.text, node.role
+        assert re.search(r'^haproxy_(backend|server)_\w+\{proxy="http-[^"]+"', response.text, re.M), node.role
+
+
 def test_token_authentication_is_on(prod_like):
     assert httpx.get(f"{prod_like.dashboard}/api/serve/applications/", timeout=10).status_code == 401
     with prod_like.api() as api:
