@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -156,7 +157,6 @@ def test_ray_s_environment_overrides_do_not_leak_into_the_files(monkeypatch):
     monkeypatch.setenv("RAY_GRAFANA_DEFAULT_DASHBOARD_UID", "elsewhere")
     monkeypatch.setenv("RAY_GRAFANA_DEFAULT_DASHBOARD_GLOBAL_FILTERS", 'k8s_cluster="x"')
     assert ray_dashboards.render(SHIPPED[0]) == (ROOT / SHIPPED[0].path).read_text()
-    import os
     assert os.environ["RAY_GRAFANA_DEFAULT_DASHBOARD_UID"] == "elsewhere"  # restored afterwards
 
 
