@@ -74,13 +74,14 @@ class RayDashboard:
 
 def shipped() -> list[RayDashboard]:
     """The dashboards the Ray dashboard's frontend embeds, in the head's order."""
+    # Ray's dashboard modules are heavy; only `make manifests` and its tests need them.
     from ray.dashboard.modules.metrics import grafana_dashboard_factory as factory
-    from ray.dashboard.modules.metrics.dashboards.data_dashboard_panels import data_dashboard_config
-    from ray.dashboard.modules.metrics.dashboards.default_dashboard_panels import default_dashboard_config
-    from ray.dashboard.modules.metrics.dashboards.serve_deployment_dashboard_panels import (
+    from ray.dashboard.modules.metrics.dashboards.data_dashboard_panels import data_dashboard_config  # lazy, as above
+    from ray.dashboard.modules.metrics.dashboards.default_dashboard_panels import default_dashboard_config  # lazy, as above
+    from ray.dashboard.modules.metrics.dashboards.serve_deployment_dashboard_panels import (  # lazy, as above
         serve_deployment_dashboard_config,
     )
-    from ray.dashboard.modules.metrics.default_impl import get_serve_dashboard_config
+    from ray.dashboard.modules.metrics.default_impl import get_serve_dashboard_config  # lazy, as above
 
     return [
         RayDashboard("default", default_dashboard_config, factory.generate_default_grafana_dashboard),
@@ -115,7 +116,7 @@ def render(dashboard: RayDashboard) -> str:
 
 
 def installed_ray_version() -> str:
-    import ray
+    import ray  # not at import time: `serve-app manifests --check` must not start with Ray's import cost
 
     return ray.__version__
 
