@@ -680,6 +680,27 @@ def test_node_drains_can_evict_workers():
 
 
 # -- sizing: Serve's demand against the Ray cluster's supply -------------------------------------
+_UNITS = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Ei": 2**60}
+
+
+def quantity(value) -> float:
+    """A Kubernetes resource quantity ("2", "500m", "6Gi") as a number."""
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value)).groups()
+    return float(number) * _UNITS[unit]
+
+
+def ray_start_flags(group: dict) -> dict[str, str]:
+    """The ``ray start`` flags KubeRay derives for a head or worker group: its rayStartParams,
+    plus num-cpus and memory from the Ray container's limits where the params do not set them."""
+    container = group["template"]["spec"]["containers"][0]
+    limits = container["resources"]["limits"]
+    flags = {key: str(value) for key, value in group.get("rayStartParams", {}).items()}
+    flags.setdefault("num-cpus", str(int(quantity(limits["cpu"]))))
+    flags.setdefault("memory", str(int(quantity(limits["memory"]))))
+    return flags
+
+
 def serve_cpu_demand(config: dict) -> tuple[list[float], list[float]]:
     """The CPU of every replica Serve asks for at the deployments' minimum and maximum."""
     low, high = [], []
@@ -695,11 +716,8 @@ def serve_cpu_demand(config: dict) -> tuple[list[float], list[float]]:
 
 
 def node_cpus(group: dict) -> float:
-    """num-cpus as KubeRay starts the node: rayStartParams, else the container's CPU limit."""
-    if "num-cpus" in group.get("rayStartParams", {}):
-        return float(group["rayStartParams"]["num-cpus"])
-    limit = str(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
-    return float(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+    """num-cpus as KubeRay starts the node (rayStartParams, else the container's CPU limit)."""
+    return float(ray_start_flags(group)["num-cpus"])
 
 
 def nodes_needed(replicas: list[float], head_cpus: float, worker_cpus: float) -> int | None:
@@ -808,12 +826,6 @@ def test_image_pull_policy_fits_a_reusable_tag(variant):
     assert policies == ({"IfNotPresent"} if variant.startswith("dev") else {"Always"}), policies
 
 
-def _quantity(text) -> float:
-    match = re.fullmatch(r"([\d.]+)(Ki|Mi|Gi|Ti|k|M|G|m)?", str(text))
-    factor = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "m": 1e-3}
-    return float(match.group(1)) * factor[match.group(2)]
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_containers_have_read_only_roots_and_bounded_disk(variant):
     from serve_app.tools.container import WRITABLE_PATHS
@@ -841,7 +853,7 @@ def test_containers_have_read_only_roots_and_bounded_disk(variant):
                 volume = mounts.get(path)
                 if volume is None or "emptyDir" not in volume:
                     problems.append(f"{where}: no emptyDir at {path}")
-                elif _quantity(volume["emptyDir"].get("sizeLimit", "1Ei")) > _quantity(resources["limits"]["ephemeral-storage"]):
+                elif quantity(volume["emptyDir"].get("sizeLimit", "1Ei")) > quantity(resources["limits"]["ephemeral-storage"]):
                     problems.append(f"{where}: {path} may outgrow the container's ephemeral-storage limit")
     assert not problems, "\n".join(problems)
 

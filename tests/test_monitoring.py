@@ -37,20 +37,18 @@ class Prometheus:
     def __init__(self, url: str):
         self.url = url
 
-    def query(self, expr: str) -> list[dict]:
-        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
-        body = response.json()
+    def _api(self, endpoint: str, expr: str, timeout: float, **params) -> list[dict]:
+        body = httpx.get(f"{self.url}/api/v1/{endpoint}", params={"query": expr, **params}, timeout=timeout).json()
         assert body["status"] == "success", f"{expr}: {body}"
         return body["data"]["result"]
+
+    def query(self, expr: str) -> list[dict]:
+        return self._api("query", expr, timeout=10)
 
     def query_range(self, expr: str, seconds: float, step: float = 1) -> list[dict]:
         """As a Grafana panel asks: every step over the last ``seconds``."""
         end = time.time()
-        response = httpx.get(f"{self.url}/api/v1/query_range", timeout=30,
-                             params={"query": expr, "start": end - seconds, "end": end, "step": step})
-        body = response.json()
-        assert body["status"] == "success", f"{expr}: {body}"
-        return body["data"]["result"]
+        return self._api("query_range", expr, timeout=30, start=end - seconds, end=end, step=step)
 
     def value(self, expr: str) -> float:
         """A scalar-like query's value; 0 when it has no series (a counter never incremented)."""
@@ -259,9 +257,15 @@ def test_drift_gauge_crosses_threshold_only_for_shifted_inputs(prometheus, serve
     assert max(others) < PSI_ALERT_THRESHOLD, "only the shifted feature drifts"
 
 
+def walk_panels(panels: list[dict]) -> list[dict]:
+    found = []
+    for panel in panels:
+        found += walk_panels(panel.get("panels", [])) if panel["type"] == "row" else [panel]
+    return found
+
+
 def panel_queries(dashboard: dict) -> list[tuple[str, list[str]]]:
-    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
-    return [(p["title"], [t["expr"] for t in p["targets"]]) for p in panels]
+    return [(p["title"], [t["expr"] for t in p["targets"]]) for p in walk_panels(dashboard["panels"])]
 
 
 def as_promql(expr: str) -> str:
@@ -359,13 +363,6 @@ RAY_PANELS_WITHOUT_DATA_HERE: dict[str, dict[str, str]] = {
             "never exports (its metric is average_task_completion_time_excl_backpressure_s)"),
     },
 }
-
-
-def walk_panels(panels: list[dict]) -> list[dict]:
-    found = []
-    for panel in panels:
-        found += walk_panels(panel.get("panels", [])) if panel["type"] == "row" else [panel]
-    return found
 
 
 def _regex_escape(value: str) -> str:

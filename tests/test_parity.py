@@ -37,6 +37,7 @@ import yaml
 from sklearn import datasets
 
 from conftest import SteadyLoad, free_port, require_tool
+from test_manifests import ray_start_flags
 from serve_app.codecs import tables
 from serve_app.tools import manifests
 from serve_app.tools.train import table_split
@@ -50,27 +51,6 @@ BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 600  # a readiness wait, never a performance bound: the machine may be busy
 DATASETS = {"iris": datasets.load_iris, "breast-cancer": datasets.load_breast_cancer,
             "diabetes": datasets.load_diabetes, "wine": datasets.load_wine}
-_UNITS = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-
-
-def quantity(value) -> float:
-    """A Kubernetes resource quantity ("2", "500m", "6Gi") as a number."""
-    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value)).groups()
-    return float(number) * _UNITS[unit]
-
-
-def ray_start_flags(group: dict) -> dict[str, str]:
-    """The ``ray start`` flags KubeRay derives for a head or worker group: its rayStartParams,
-    plus num-cpus and memory from the Ray container's limits where the params do not set them."""
-    container = group["template"]["spec"]["containers"][0]
-    limits = container["resources"]["limits"]
-    flags = {key: str(value) for key, value in group.get("rayStartParams", {}).items()}
-    flags.setdefault("num-cpus", str(int(quantity(limits["cpu"]))))
-    flags.setdefault("memory", str(int(quantity(limits["memory"]))))
-    return flags
-
-
 def container_env(group: dict) -> dict[str, str]:
     """The literal env values of the group's Ray container (Secret references are KubeRay's)."""
     env = group["template"]["spec"]["containers"][0].get("env", [])

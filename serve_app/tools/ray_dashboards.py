@@ -38,6 +38,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+# Ray's dashboard modules are heavy; serve_app.tools.manifests imports this module only when it
+# generates or checks the files.
+import ray
+from ray.dashboard.modules.metrics import grafana_dashboard_factory as factory
+from ray.dashboard.modules.metrics.dashboards.data_dashboard_panels import data_dashboard_config
+from ray.dashboard.modules.metrics.dashboards.default_dashboard_panels import default_dashboard_config
+from ray.dashboard.modules.metrics.dashboards.serve_deployment_dashboard_panels import serve_deployment_dashboard_config
+from ray.dashboard.modules.metrics.default_impl import get_serve_dashboard_config
+
 OUTPUT_DIR = Path("cluster/monitoring/ray-dashboards")
 CONFIGMAP_PREFIX = "ray-grafana-dashboard-"
 # The factory reads these for every dashboard (grafana_dashboard_factory._read_configs_for_dashboard).
@@ -74,15 +83,6 @@ class RayDashboard:
 
 def shipped() -> list[RayDashboard]:
     """The dashboards the Ray dashboard's frontend embeds, in the head's order."""
-    # Ray's dashboard modules are heavy; only `make manifests` and its tests need them.
-    from ray.dashboard.modules.metrics import grafana_dashboard_factory as factory
-    from ray.dashboard.modules.metrics.dashboards.data_dashboard_panels import data_dashboard_config  # lazy, as above
-    from ray.dashboard.modules.metrics.dashboards.default_dashboard_panels import default_dashboard_config  # lazy, as above
-    from ray.dashboard.modules.metrics.dashboards.serve_deployment_dashboard_panels import (  # lazy, as above
-        serve_deployment_dashboard_config,
-    )
-    from ray.dashboard.modules.metrics.default_impl import get_serve_dashboard_config  # lazy, as above
-
     return [
         RayDashboard("default", default_dashboard_config, factory.generate_default_grafana_dashboard),
         RayDashboard("serve", get_serve_dashboard_config(), factory.generate_serve_grafana_dashboard),
@@ -115,16 +115,10 @@ def render(dashboard: RayDashboard) -> str:
     return normalise(content)
 
 
-def installed_ray_version() -> str:
-    import ray  # not at import time: `serve-app manifests --check` must not start with Ray's import cost
-
-    return ray.__version__
-
-
 def generated_files(pinned_ray_version: str) -> dict[Path, str]:
     """Relative path -> content of every shipped Ray dashboard. Refuses a Ray other than the pin:
     the dashboards must be the ones the cluster's Ray serves, not whatever is installed."""
-    installed = installed_ray_version()
+    installed = ray.__version__
     if installed != pinned_ray_version:
         raise RuntimeError(f"the installed Ray is {installed}, pyproject.toml pins {pinned_ray_version}: "
                            "generate Ray's dashboards from the pinned Ray (make venv)")
