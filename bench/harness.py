@@ -218,7 +218,8 @@ LEVERS = {lever.key: lever for lever in (
           cluster_env=(("RAY_SERVE_HAPROXY_METRICS_ENABLED", "1"),), concurrency=(1, 16, 64)),
     Lever("no-batching", "no batching (max_batch_size 1)", batching(1, 0.0)),
     # Shipped: wait 0, a batch is whatever queued while the model was busy.
-    Lever("batch-wait-2ms", "batch wait 2 ms (shipped: 0)", batching(32, 0.002), concurrency=(1, 16, 64)),
+    Lever("batch-wait-2ms", "batch wait 2 ms (shipped: 0)", batching(32, 0.002), concurrency=(1, 16, 64),
+          workloads=("xgb-1", "churn-1", "churn-1000")),
     Lever("handle-hop", "model behind a DeploymentHandle (dedicated)", dedicated),
     Lever("replicas-1", "1 ingress replica (shipped: autoscaling 2-4)", replicas(1)),
     Lever("replicas-4", "4 ingress replicas", replicas(4)),
