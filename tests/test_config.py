@@ -83,5 +83,5 @@ def test_access_log_rules_are_settings():
     ("00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01", None),
 ])
 def test_sampled_trace_id_reads_w3c_traceparent(header, trace_id):
-    from serve_app.http.lifecycle import sampled_trace_id
+    from serve_app.lifecycle import sampled_trace_id
     assert sampled_trace_id(header) == trace_id

@@ -13,7 +13,8 @@ from starlette.requests import Request
 
 from serve_app.config import AccessLogSpec
 from serve_app.errors import BadInput, ModelNotFoundError
-from serve_app.http.lifecycle import RequestLifecycle, RequestRefused
+from serve_app.http.lifecycle import HttpCall
+from serve_app.lifecycle import RequestLifecycle, RequestRefused
 from serve_app.store import ModelStore
 from serve_app.tools.train import train_model
 from test_registry import registry_for
@@ -32,9 +33,9 @@ def lifecycle(registry, token=None, sample_rate=0.0) -> RequestLifecycle:
     return RequestLifecycle(registry, AccessLogSpec(sample_rate=sample_rate), token)
 
 
-def request(headers: dict | None = None, path: str = "/v2/models/iris/infer") -> Request:
-    return Request({"type": "http", "method": "POST", "path": path, "query_string": b"",
-                    "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]})
+def request(headers: dict | None = None, path: str = "/v2/models/iris/infer") -> HttpCall:
+    return HttpCall(Request({"type": "http", "method": "POST", "path": path, "query_string": b"",
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]}))
 
 
 def run_scope(life: RequestLifecycle, work, model: str = "iris", headers: dict | None = None, **options):

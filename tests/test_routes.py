@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from serve_app.http.ingress import ModelServer, fastapi_app
-from serve_app.http.lifecycle import RequestRefused
+from serve_app.lifecycle import RequestRefused
 from serve_app.http.responses import error_response, json_response
 from serve_app.http.routes import FastPath, build_api, declared_routes, route
 

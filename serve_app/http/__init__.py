@@ -1,1 +1,1 @@
-"""HTTP: the ingress routes, the request lifecycle, bodies, responses and auth."""
+"""HTTP: the ingress routes, the HTTP side of the request lifecycle, bodies and responses."""

@@ -1,7 +1,7 @@
 """The HTTP ingress: KServe V1, Open Inference Protocol V2 and MLflow scoring routes.
 
 Each route reads its body, decodes it with a codec, asks the registry which worker answers,
-and encodes the answer, inside the request lifecycle (:mod:`serve_app.http.lifecycle`) that
+and encodes the answer, inside the request lifecycle (:mod:`serve_app.lifecycle`) that
 authenticates, times out, maps errors to statuses, counts and logs. Models run inside this
 replica unless declared ``dedicated`` (a deployment of their own) or served from the
 multiplexed long tail; the registry hides which.
@@ -31,11 +31,13 @@ from serve_app.deployments.handles import DEPLOYMENT_OPTIONS
 from serve_app.deployments.placement import DeploymentPlacement
 from serve_app.deployments.reloads import ReloadWatcher, request_reload
 from serve_app.errors import InferenceTimeout, ReloadFailed
-from serve_app.http import auth, bodies
-from serve_app.http.lifecycle import RequestLifecycle, RequestRefused
+from serve_app import auth
+from serve_app.http import bodies
+from serve_app.http.lifecycle import HttpCall
 from serve_app.http.openapi_docs import V1_REQUEST, V2_REQUEST
 from serve_app.http.responses import error_response, json_response, v2_response
 from serve_app.http.routes import FastPath, build_api, route
+from serve_app.lifecycle import RequestLifecycle, RequestRefused
 from serve_app.metadata import ModelMetadata
 from serve_app.serving.outputs import EXPLANATION_OUTPUTS
 from serve_app.serving.registry import ModelRegistry
@@ -107,7 +109,7 @@ class ModelServer:
 
     def _scope(self, request: Request, protocol: str, name: str, **options):
         self._watcher.start()
-        return self.lifecycle.scope(request, protocol, name, **options)
+        return self.lifecycle.scope(HttpCall(request), protocol, name, **options)
 
     async def _describe(self, request: Request, protocol: str, name: str, version: str | None,
                         describe: Callable[[ModelMetadata], dict], public: bool = False) -> Response:

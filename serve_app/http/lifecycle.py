@@ -1,162 +1,42 @@
-"""One request's lifecycle, the same for every route: authentication, the model's timeout,
-errors mapped to statuses, metrics and the access log.
-
-A route runs its work inside ``async with lifecycle.scope(request, protocol, model) as
-scope:``, hands the scope its reply (``scope.reply(content, version)``) and returns
-``scope.response``: whatever the work raised has become a response by then.
-"""
+"""An HTTP request as the request lifecycle (:mod:`serve_app.lifecycle`) sees it: its headers,
+and JSON answers with ``X-Model-Version``."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import random
-import time
-from typing import Any, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from serve_app.config import AccessLogSpec
-from serve_app.errors import InferenceError, InferenceTimeout, Unauthorized
-from serve_app.http import auth
 from serve_app.http.responses import error_response, json_response
-from serve_app.monitoring import telemetry
-from serve_app.serving.registry import ModelRegistry
-
-# Serve's own logger: its records get Serve's JSON encoding and the request id.
-logger = logging.getLogger("ray.serve")
 
 
-class RequestRefused(Exception):
-    """A request refused before its work began (no valid token), with its finished response.
+class HttpCall:
+    """One HTTP request (the lifecycle's ``Call``)."""
 
-    A ``with`` block cannot skip its body, so the scope raises this from ``__aenter__``; the
-    ingress's exception handler sends ``response`` as it is."""
+    def __init__(self, request: Request):
+        self._request = request
 
-    def __init__(self, response: Response):
-        super().__init__(response.status_code)
-        self.response = response
+    @property
+    def method(self) -> str:
+        return self._request.method
 
+    @property
+    def path(self) -> str:  # read only for an access line: building the URL costs microseconds
+        return self._request.url.path
 
-def sampled_trace_id(traceparent: str | None) -> str | None:
-    """The trace id of a W3C ``traceparent`` header (``00-<trace id>-<parent id>-<flags>``)
-    whose sampled flag is set; None for a missing, malformed or unsampled one."""
-    if not traceparent:
-        return None
-    parts = traceparent.strip().split("-")
-    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[3]) != 2:
-        return None
-    try:
-        sampled = int(parts[3], 16) & 1
-        int(parts[1], 16)
-    except ValueError:
-        return None
-    return parts[1].lower() if sampled and parts[1] != "0" * 32 else None
+    def header(self, name: str) -> str | None:
+        return self._request.headers.get(name)
 
+    def status(self, reply: Any) -> int:
+        return reply.status_code if isinstance(reply, Response) else 200
 
-class RequestLifecycle:
-    """What every request of one ingress replica shares: the token, the access-log policy,
-    and the registry (which names are served, each model's timeout)."""
-
-    def __init__(self, registry: ModelRegistry, access_log: AccessLogSpec, token: bytes | None,
-                 draw: Callable[[], float] = random.random):
-        self.registry, self.access_log, self.token, self._draw = registry, access_log, token, draw
-
-    def scope(self, request: Request, protocol: str, model: str, *, public: bool = False,
-              timeout: float | None = None) -> "RequestScope":
-        """``public``: no token needed (health probes). ``timeout``: instead of the model's."""
-        return RequestScope(self, request, protocol, model, public,
-                            self.registry.timeout_for(model) if timeout is None else timeout)
-
-    def authorized(self, request: Request) -> bool:
-        return self.token is None or auth.authorized(request.headers.get("authorization"), self.token)
-
-    def finish(self, request: Request, protocol: str, name: str, started: float,
-               outcome: Response | BaseException, version: str | None) -> Response:
-        """The response for ``outcome`` (a reply, or what the work raised), counted and logged."""
-        reason = None
-        if isinstance(outcome, Response):
-            response = outcome
-        elif isinstance(outcome, InferenceError):
-            reason = outcome.reason
-            response = error_response(outcome.status_code, outcome.message, reason)
-            client = outcome.status_code < 500
-            (logger.warning if client else logger.error)(
-                "%s %s request for model %r: %s (%s)", "rejected" if client else "failed", protocol, name,
-                outcome.message, reason,
-                extra={"model": name, "protocol": protocol, "reason": reason, "status_code": outcome.status_code})
-        else:
-            logger.error("inference failed for model %r", name, exc_info=outcome,
-                         extra={"model": name, "protocol": protocol, "status_code": 500})
-            response = error_response(500, "internal error; see server logs")
-        # Only served names become label values: arbitrary URLs must not create metric series.
-        # (A long-tail model is known once its first request has opened it.)
-        served = self.registry.known(name)
-        if served is None:
-            model, version = telemetry.UNKNOWN_MODEL, ""
-        else:
-            model, version = name, version or served.default.meta.version
-            if response.status_code < 400:
-                response.headers["X-Model-Version"] = version  # which version answered (canary, shadow)
-        elapsed = time.perf_counter() - started
-        status = response.status_code
-        telemetry.request_done(model, version, protocol, status, elapsed, reason if status < 500 else None)
-        self._log_access(request, protocol, model, version, status, elapsed)
+    def success(self, reply: Any, version: str | None) -> Response:
+        """A Response as the route built it, or content as JSON."""
+        response = reply if isinstance(reply, Response) else json_response(reply)
+        if version is not None:
+            response.headers["X-Model-Version"] = version  # which version answered (canary, shadow)
         return response
 
-    def _log_access(self, request: Request, protocol: str, model: str, version: str, status: int,
-                    seconds: float) -> None:
-        """One access line for the requests worth reading (see AccessLogSpec), in Serve's JSON
-        log with Serve's request id; Serve's own every-request access log is off."""
-        trace_id = sampled_trace_id(request.headers.get("traceparent"))
-        if not self.access_log.wants(status, seconds, trace_id is not None, self._draw()):
-            return
-        logger.info("%s %s %d %.1fms", request.method, request.url.path, status, seconds * 1000,
-                    extra={"model": model, "model_version": version, "protocol": protocol,
-                           "status_code": status, "latency_ms": round(seconds * 1000, 3),
-                           "trace_id": trace_id})
-
-
-class RequestScope:
-    """One request under way (see the module docstring)."""
-
-    def __init__(self, lifecycle: RequestLifecycle, request: Request, protocol: str, model: str,
-                 public: bool, timeout: float | None):
-        self._lifecycle, self._request, self._protocol, self._model = lifecycle, request, protocol, model
-        self._public, self._timeout = public, timeout
-        self._reply: Response | None = None
-        self._version: str | None = None
-        self.response: Response | None = None
-
-    def reply(self, content: Any, version: str | None = None) -> None:
-        """The route's answer (a Response, or content for JSON) and the model version it
-        comes from (labels the metrics and ``X-Model-Version``; default: the model's default)."""
-        self._reply = content if isinstance(content, Response) else json_response(content)
-        self._version = version
-
-    async def __aenter__(self) -> "RequestScope":
-        self._started = time.perf_counter()
-        if not self._public and not self._lifecycle.authorized(self._request):
-            raise RequestRefused(self._finish(
-                Unauthorized("missing or invalid bearer token (Authorization: Bearer <token>)")))
-        self._timer = asyncio.timeout(self._timeout)  # no extra task per request, unlike wait_for
-        await self._timer.__aenter__()
-        return self
-
-    async def __aexit__(self, exc_type, exc, tb) -> bool:
-        try:
-            await self._timer.__aexit__(exc_type, exc, tb)
-        except TimeoutError:
-            exc = InferenceTimeout(f"model {self._model!r} did not answer within {self._timeout} s")
-        if exc is not None and not isinstance(exc, Exception):
-            return False  # cancelled (the client left, or Serve stops): nobody waits for an answer
-        if exc is None and self._reply is None:
-            exc = RuntimeError("the route set no reply")
-        self.response = self._finish(exc if exc is not None else self._reply)
-        return True
-
-    def _finish(self, outcome: Response | BaseException) -> Response:
-        return self._lifecycle.finish(self._request, self._protocol, self._model, self._started, outcome,
-                                      self._version)
-
+    def failure(self, status: int, message: str, reason: str | None) -> Response:
+        return error_response(status, message, reason)

@@ -25,7 +25,7 @@ from starlette.routing import compile_path
 from starlette.types import Receive, Scope, Send
 
 from serve_app.http import openapi_docs
-from serve_app.http.lifecycle import RequestRefused
+from serve_app.lifecycle import RequestRefused
 from serve_app.http.responses import error_response
 from serve_app.metadata import ModelMetadata
 
