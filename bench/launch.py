@@ -22,7 +22,7 @@ from typing import ContextManager, Iterator
 import httpx
 import yaml
 
-from serve_app.tools.localserve import (FAST_PATH_ENV, free_port, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
+from serve_app.tools.localserve import (FAST_PATH_ENV, ensure_ray_token, free_port, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
                                   stop_ray_cluster, wait_ready)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +108,7 @@ def ray_cluster(ha_proxy: bool, work: Path, extra_env: dict[str, str] | None = N
     """A local Ray head; ``ha_proxy`` picks the ingress: HAProxy + direct ingress (our fast path)
     or Ray Serve's default Python proxy (what a Serve app gets without configuration);
     ``extra_env`` adds to (or overrides) the environment Ray starts with."""
+    ensure_ray_token(BIN / "ray")
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"))  # short: socket paths
     gcs, dashboard, metrics, http = (free_port() for _ in range(4))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
@@ -147,7 +148,7 @@ def ray_cluster(ha_proxy: bool, work: Path, extra_env: dict[str, str] | None = N
 
 def _serve_api(cluster: RayCluster, method: str) -> httpx.Response:
     """Serve's REST API on the cluster's dashboard (token auth is on)."""
-    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    token = ensure_ray_token(BIN / "ray")
     response = httpx.request(method, f"{cluster.dashboard_url}/api/serve/applications/", timeout=30,
                              headers={"Authorization": f"Bearer {token}"})
     response.raise_for_status()

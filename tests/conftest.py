@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from serve_app.store import ModelStore
-from serve_app.tools.localserve import (FAST_PATH_ENV, free_port, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
+from serve_app.tools.localserve import (FAST_PATH_ENV, ensure_ray_token, free_port, haproxy_paths, stop_orphaned_haproxy, stop_process_group,
                                   stop_ray_cluster, wait_ready)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +34,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Token auth stays on (Ray's default); clients find the token in ~/.ray/auth_token. Set at
 # import, before any test module imports ray: Ray reads its auth mode once per process.
 os.environ["RAY_AUTH_MODE"] = "token"
+# `ray start` (the fixtures below, test_parity, test_redis_tls) refuses to start without one.
+ensure_ray_token(BIN / "ray")
 
 
 def require_tool(name: str) -> str:

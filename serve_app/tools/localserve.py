@@ -30,6 +30,18 @@ FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_RETRY_ON":
                  "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
 
 
+RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+
+
+def ensure_ray_token(ray_bin: str | os.PathLike) -> str:
+    """The token of Ray's token authentication (on by default), generated on a machine that has
+    none yet: ``ray start`` refuses to start without one (``serve run`` and ``ray.init`` create
+    it themselves). Clients send it as a bearer token to the dashboard and Serve's REST API."""
+    if not RAY_TOKEN_FILE.exists():
+        subprocess.run([str(ray_bin), "get-auth-token", "--generate"], check=True, stdout=subprocess.DEVNULL)
+    return RAY_TOKEN_FILE.read_text().strip()
+
+
 # Ports for local servers come from below the kernel's ephemeral range (32768-60999 by
 # default), where the kernel never hands out a port to someone else's outgoing connection or
 # bind(0), and above Ray's worker port range (10002-19999): a port picked with bind(0) is in
