@@ -69,8 +69,8 @@ LABEL org.opencontainers.image.title="serve-app" \
 # uid 1000, gid 100 (users), as in rayproject images; numeric, so runAsNonRoot can verify it.
 USER 1000:100
 WORKDIR /home/ray/app
-# Serve HTTP, Ray dashboard, Ray metrics (each movable: serve_app/tools/container.py).
-EXPOSE 8000 8265 8080
+# Serve HTTP, Serve gRPC, Ray dashboard, Ray metrics (each movable: serve_app/tools/container.py).
+EXPOSE 8000 9000 8265 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
   CMD ["sh", "-c", "wget -q -O /dev/null http://127.0.0.1:${SERVE_PORT:-8000}/-/healthz || exit 1"]
 CMD ["python", "-m", "serve_app.tools.container"]

@@ -22,10 +22,10 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 PROMETHEUS_PORT ?= 9090
 export RAY_PROMETHEUS_HOST ?= http://127.0.0.1:$(PROMETHEUS_PORT)
 
-.PHONY: venv system-tools bench-peers monitor soak serve stop train test test-unit test-serve bench clean help lock image manifests
+.PHONY: venv system-tools bench-peers monitor soak serve stop train test test-unit test-serve bench clean help lock image manifests grpc-stubs
 
 help:
-	@echo "make serve   - serve the demo models on http://127.0.0.1:8000 (trains them if missing)"
+	@echo "make serve   - serve the demo models on http://127.0.0.1:8000 and gRPC on 127.0.0.1:9000 (trains them if missing)"
 	@echo "make test    - run the whole test suite"
 	@echo "make train   - (re)train the demo models into $(STORE)"
 	@echo "make stop    - stop a local Ray/Serve (and HAProxy) left running"
@@ -68,6 +68,10 @@ train: $(STAMP)
 # tag) in cluster/base/generated/; run after changing the config or a version pin.
 manifests: $(STAMP)
 	$(BIN)/serve-app manifests
+
+# The gRPC service's Python modules (serve_app/grpc/), regenerated from its .proto after an edit.
+grpc-stubs: $(STAMP)
+	$(BIN)/python -m serve_app.tools.grpc_stubs
 
 # Ray 2.60 can leave its HAProxy behind after Ctrl-C/`ray stop`, holding port 8000:
 # `make serve` runs in the foreground, so a HAProxy from this venv at its start is stale.

@@ -97,6 +97,11 @@ class RayCluster:
     env: dict[str, str]
     temp_dir: Path
     session: int = 0  # the session of its processes (session_memory)
+    grpc_port: int = 9000
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def url(self) -> str:
@@ -110,7 +115,7 @@ def ray_cluster(ha_proxy: bool, work: Path, extra_env: dict[str, str] | None = N
     ``extra_env`` adds to (or overrides) the environment Ray starts with."""
     ensure_ray_token(BIN / "ray")
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"))  # short: socket paths
-    gcs, dashboard, metrics, http = (free_port() for _ in range(4))
+    gcs, dashboard, metrics, http, grpc_port = (free_port() for _ in range(5))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
     if ha_proxy:
         env.update({**FAST_PATH_ENV, **haproxy_paths(temp_dir),
@@ -137,7 +142,8 @@ def ray_cluster(ha_proxy: bool, work: Path, extra_env: dict[str, str] | None = N
             stop_ray_cluster(temp_dir)
         else:
             raise RuntimeError(f"ray start failed {RAY_START_ATTEMPTS} times; see {log.name}")
-        yield RayCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", http, env, temp_dir, starter.pid)
+        yield RayCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", http, env, temp_dir, starter.pid,
+                         grpc_port)
     finally:
         stop_ray_cluster(temp_dir)  # this cluster only
         if ha_proxy:
@@ -176,7 +182,8 @@ def serve_run(cluster: RayCluster, config: dict, log_path: Path) -> Iterator[str
     began (``last_deployed_time_s``). Before that check, lever cells measured a draining
     application at 50-700 req/s from the third configuration on."""
     config = {**config, "http_options": {**config.get("http_options", {}), "host": "127.0.0.1",
-                                         "port": cluster.http_port}}
+                                         "port": cluster.http_port},
+              "grpc_options": {**config.get("grpc_options", {}), "port": cluster.grpc_port}}
     config_path = log_path.with_suffix(".yaml")
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     names = {app["name"] for app in config["applications"]}

@@ -59,6 +59,7 @@ class ServeCluster:
     ray_temp_dir: Path
     api_token: str  # the bearer token of the GUARDED application
     dashboard_url: str
+    grpc_target: str  # host:port of the gRPC service (HAProxy's h2 frontend)
 
     def serve_api(self) -> httpx.Client:
         """Ray's dashboard REST API (Serve's declarative deploy), with Ray's own auth token."""
@@ -142,10 +143,11 @@ class SteadyLoad:
         return [o for o in self.outcomes if o.at >= at]
 
 
-def make_test_config(store: Path, port: int, api_token: str) -> dict:
-    """The shipped config, with a private store/port and delays short enough for tests."""
+def make_test_config(store: Path, port: int, api_token: str, grpc_port: int | None = None) -> dict:
+    """The shipped config, with a private store/ports and delays short enough for tests."""
     config = copy.deepcopy(yaml.safe_load(CONFIG.read_text()))
     config["http_options"]["port"] = port
+    config["grpc_options"]["port"] = grpc_port or free_port()
     app = config["applications"][0]
     app["args"]["store"] = str(store)
     # One more in-process model that only the batching test calls, so its metrics are exact,
@@ -244,9 +246,9 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
     ray_temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     store = work / "model_store"
     (http_port, gcs_port, dash_port, metrics_port, haproxy_stats, haproxy_metrics,
-     fallback_http, fallback_grpc) = (free_port() for _ in range(8))
+     fallback_http, fallback_grpc, grpc_port) = (free_port() for _ in range(9))
     api_token = secrets.token_urlsafe(24)
-    config = make_test_config(store, http_port, api_token)
+    config = make_test_config(store, http_port, api_token, grpc_port)
     prepare_fleet_store(work / "fleet_store")
     config_path = work / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -282,7 +284,7 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
         wait_ready(f"{url}{GUARDED}/v2/health/ready", proc)
         wait_ready(f"{url}{FLEET}/v2/health/ready", proc)
         yield ServeCluster(url, gcs, f"http://127.0.0.1:{metrics_port}/metrics", config, store, ray_temp, api_token,
-                           f"http://127.0.0.1:{dash_port}")
+                           f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{grpc_port}")
     except BaseException:
         log.flush()
         print((work / "serve_run.log").read_text()[-5000:], file=sys.stderr)

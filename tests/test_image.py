@@ -179,18 +179,20 @@ def test_make_image_tags_version_and_ray_pin():
     assert f"-t ghcr.io/serve-app/serve-app:{project['version']}-ray{ray_pin} " in dry_run
 
 
-def test_container_cmd_moves_only_the_serve_port():
+def test_container_cmd_moves_only_the_serve_ports():
     from serve_app.tools.container import config_for
 
     shipped = str(ROOT / "configs/serve_config.yaml")
     assert config_for({"SERVE_CONFIG": shipped}) == shipped
-    moved = Path(config_for({"SERVE_CONFIG": shipped, "SERVE_PORT": "18123"}))
-    try:
-        expected = yaml.safe_load(Path(shipped).read_text())
-        expected["http_options"]["port"] = 18123
-        assert yaml.safe_load(moved.read_text()) == expected
-    finally:
-        moved.unlink()
+    for env, key, port in (({"SERVE_PORT": "18123"}, "http_options", 18123),
+                           ({"SERVE_GRPC_PORT": "18124"}, "grpc_options", 18124)):
+        moved = Path(config_for({"SERVE_CONFIG": shipped, **env}))
+        try:
+            expected = yaml.safe_load(Path(shipped).read_text())
+            expected[key]["port"] = port
+            assert yaml.safe_load(moved.read_text()) == expected
+        finally:
+            moved.unlink()
 
 
 @pytest.mark.image
@@ -303,7 +305,7 @@ def test_image_cmd_serves_v1_and_v2_and_stops_on_sigterm(image, container, tmp_p
     command = (image.get("Entrypoint") or []) + image["Cmd"]
     port = free_port()
     # Every port the CMD's Ray and Serve bind, moved off the defaults (the machine is shared).
-    env = {"SERVE_PORT": port, "RAY_DASHBOARD_PORT": free_port(),
+    env = {"SERVE_PORT": port, "SERVE_GRPC_PORT": free_port(), "RAY_DASHBOARD_PORT": free_port(),
            "RAY_METRICS_EXPORT_PORT": free_port(),
            "RAY_SERVE_HAPROXY_STATS_PORT": free_port(),
            "RAY_SERVE_HAPROXY_METRICS_PORT": free_port(),

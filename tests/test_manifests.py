@@ -425,21 +425,52 @@ def test_network_policy_ports_exist_and_the_dashboard_stays_internal(variant):
     rs = rayservice(variant)
     ports = {name: {p["name"]: p["containerPort"] for c in t["spec"]["containers"] for p in c.get("ports", [])}
              for name, t in ray_pod_templates(rs).items()}
-    assert {"metrics": 8080, "as-metrics": 44217, "dash-metrics": 44227, "serve": 8000,
+    assert {"metrics": 8080, "as-metrics": 44217, "dash-metrics": 44227, "serve": 8000, "serve-grpc": 9000,
             "dashboard": 8265, "gcs-server": 6379, "client": 10001}.items() <= ports["head"].items()
     for name, worker_ports in ports.items():
-        assert {"metrics": 8080, "serve": 8000}.items() <= worker_ports.items(), name
+        assert {"metrics": 8080, "serve": 8000, "serve-grpc": 9000}.items() <= worker_ports.items(), name
     policies = [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].startswith("serve-app-ray")]
     named = {p["port"] for policy in policies for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
     assert named <= set(ports["head"]), named - set(ports["head"])
     open_to_all = [rule for policy in policies for rule in policy["spec"]["ingress"] if "from" not in rule]
-    assert [p["port"] for rule in open_to_all for p in rule["ports"]] == ["serve"]
-    # Ingresses route only to the serve Service's serve port; never the head Service (dashboard).
+    assert [p["port"] for rule in open_to_all for p in rule["ports"]] == ["serve", "serve-grpc"]
+    # Ingresses route only to the serve Service's serve ports; never the head Service (dashboard).
     for ingress in (o for o in objects if o["kind"] == "Ingress"):
         for rule in ingress["spec"]["rules"]:
             for path in rule["http"]["paths"]:
                 service = path["backend"]["service"]
-                assert service["name"] == "serve-app-serve-svc" and service["port"] in ({"name": "serve"}, {"number": 8000})
+                assert service["name"] == "serve-app-serve-svc" and service["port"] in (
+                    {"name": "serve"}, {"name": "serve-grpc"}), service
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_grpc_port_is_the_serve_configs_and_kuberay_puts_it_on_the_serve_service(variant):
+    """KubeRay v1.7.0 (BuildServeService, isServingPort) adds every head container port named
+    ``serve`` or ``serve-*`` to the serve Service; the Serve config's gRPC port is that port on
+    every Ray container, and the app's servicer is the one the config registers."""
+    config = yaml.safe_load(rayservice(variant)["spec"]["serveConfigV2"])
+    grpc_options = config["grpc_options"]
+    assert grpc_options["grpc_servicer_functions"] == [
+        "serve_app.grpc.open_inference_grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"]
+    for name, template in ray_pod_templates(rayservice(variant)).items():
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0].get("ports", [])}
+        assert ports.get("serve-grpc") == grpc_options["port"], name
+        serving = [n for n in ports if n == "serve" or n.startswith("serve-")]
+        assert sorted(serving) == ["serve", "serve-grpc"], name
+
+
+@pytest.mark.parametrize("variant", [v for v, spec in VARIANTS.items() if "components/ingress" in spec.get("add", ())])
+def test_the_grpc_ingress_speaks_grpc_to_the_grpc_port_over_tls(variant):
+    ingresses = {o["metadata"]["name"]: o for o in rendered(variant) if o["kind"] == "Ingress"}
+    grpc = ingresses["serve-app-grpc"]
+    assert grpc["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    assert "backend-protocol" not in str(ingresses["serve-app"]["metadata"].get("annotations"))
+    (rule,) = grpc["spec"]["rules"]
+    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": "serve-app-serve-svc",
+                                                              "port": {"name": "serve-grpc"}}
+    # ingress-nginx speaks HTTP/2 to clients only over TLS: the host must be in a TLS entry.
+    assert any(rule["host"] in entry["hosts"] for entry in grpc["spec"]["tls"])
+    assert rule["host"] != ingresses["serve-app"]["spec"]["rules"][0]["host"]
 
 
 def test_s3_component_points_every_ray_container_at_the_bucket():
@@ -620,14 +651,15 @@ def test_prometheus_scrapes_every_metrics_port_and_only_those(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_ray_pods_reach_each_other_and_strangers_only_the_serve_port(variant):
+def test_ray_pods_reach_each_other_and_strangers_only_the_serve_ports(variant):
     pods, policies = ray_pods(variant), policies_of(variant)
     stranger = Pod("default", {"app": "client"}, {})
+    public = {"serve", "serve-grpc"}
     for name, pod in pods.items():
         for other in pods.values():
             assert admitted(policies, other, pod, 6379) and admitted(policies, other, pod, 45678), name
-        assert admitted(policies, stranger, pod, pod.ports["serve"]), name
-        assert not [p for p, n in pod.ports.items() if p != "serve" and admitted(policies, stranger, pod, n)], name
+        assert all(admitted(policies, stranger, pod, pod.ports[p]) for p in public), name
+        assert not [p for p, n in pod.ports.items() if p not in public and admitted(policies, stranger, pod, n)], name
     # During an upgrade the second RayCluster's Pods reach the first's (same labels but ray.io/cluster).
     newer = ray_pods(variant, cluster="serve-app-def34")
     assert admitted(policies, newer["worker cpu"], pods["head"], 6379)
@@ -772,13 +804,17 @@ def _nginx_size(text: str) -> int:
 def test_ingress_body_size_and_timeouts_follow_the_serve_config(variant):
     config = yaml.safe_load(rayservice(variant)["spec"]["serveConfigV2"])
     max_bytes = config["applications"][0]["args"]["max_request_bytes"]
-    timeout = config["http_options"]["request_timeout_s"]
-    (ingress,) = [o for o in rendered(variant) if o["kind"] == "Ingress"]
-    annotations = ingress["metadata"]["annotations"]
-    assert _nginx_size(annotations["nginx.ingress.kubernetes.io/proxy-body-size"]) >= max_bytes
-    for key in ("proxy-read-timeout", "proxy-send-timeout"):
-        value = int(annotations[f"nginx.ingress.kubernetes.io/{key}"])
-        assert timeout < value <= timeout + 10, (key, value, timeout)
+    grpc_bytes = int(config["applications"][0]["runtime_env"]["env_vars"]["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"])
+    assert grpc_bytes == max_bytes  # one bound for HTTP bodies and gRPC messages
+    ingresses = {o["metadata"]["name"]: o for o in rendered(variant) if o["kind"] == "Ingress"}
+    assert set(ingresses) == {"serve-app", "serve-app-grpc"}
+    for name, options in (("serve-app", "http_options"), ("serve-app-grpc", "grpc_options")):
+        timeout = config[options]["request_timeout_s"]
+        annotations = ingresses[name]["metadata"]["annotations"]
+        assert _nginx_size(annotations["nginx.ingress.kubernetes.io/proxy-body-size"]) >= max_bytes, name
+        for key in ("proxy-read-timeout", "proxy-send-timeout"):
+            value = int(annotations[f"nginx.ingress.kubernetes.io/{key}"])
+            assert timeout < value <= timeout + 10, (name, key, value, timeout)
 
 
 # -- Redis ------------------------------------------------------------------------------------------

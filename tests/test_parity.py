@@ -64,6 +64,7 @@ class LocalNode:
     agent_port: int  # the dashboard agent, where KubeRay's probes ask for raylet health
     flags: dict[str, str]
     haproxy_ports: list[int] = field(default_factory=list)
+    grpc_port: int = field(default_factory=free_port)  # its HAProxy's gRPC frontend (9000 in every Pod)
 
 
 @dataclass
@@ -160,11 +161,13 @@ def prod_like(tmp_path_factory) -> LocalCluster:
             # Each node's HAProxy files of its own (the default /tmp/haproxy-serve is per machine).
             **haproxy_paths(temp_dir / f"n{nodes.index(node)}"),
         })
-        if node.role != "head":  # the head's HAProxy binds http_options.port
+        if node.role != "head":  # the head's HAProxy binds http_options.port and grpc_options.port
             env["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(node.serve_port)
+            env["RAY_SERVE_WORKER_PROXY_GRPC_PORT"] = str(node.grpc_port)
 
     deployed = copy.deepcopy(serve_config)
     deployed["http_options"]["port"] = nodes[0].serve_port
+    deployed["grpc_options"]["port"] = nodes[0].grpc_port
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     local = LocalCluster(dashboard, token, nodes, serve_config, deployed, store)
     try:
@@ -227,11 +230,12 @@ def test_the_local_cluster_has_the_prod_shape(prod_like):
     assert len(prod_like.serving) == len(details["proxies"])
 
 
-def test_the_deployed_config_is_serve_config_v2_but_for_the_http_port(prod_like):
+def test_the_deployed_config_is_serve_config_v2_but_for_the_ports(prod_like):
     assert prod_like.serve_config == yaml.safe_load((manifests.ROOT / manifests.SERVE_CONFIG).read_text())
     differences = {k for k in prod_like.serve_config if prod_like.serve_config[k] != prod_like.deployed[k]}
-    assert differences == {"http_options"}
+    assert differences == {"http_options", "grpc_options"}
     assert {**prod_like.deployed["http_options"], "port": 8000} == prod_like.serve_config["http_options"]
+    assert {**prod_like.deployed["grpc_options"], "port": 9000} == prod_like.serve_config["grpc_options"]
     with prod_like.api() as api:
         apps = api.get("/api/serve/applications/").json()["applications"]
     assert {name: app["deployed_app_config"]["import_path"] for name, app in apps.items()} == {

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from serve_app import __version__
 from serve_app.codecs import tables
 from serve_app.codecs.tensors import DecodedRequest, check_finite, jsonable, model_input, numbers_or_null
 from serve_app.errors import BadInput
@@ -39,6 +40,14 @@ _NUMPY_TO_V2 = {np.dtype(dt): name for name, (dt, _) in DATATYPES.items()}
 BYTES = "BYTES"
 # What a schema's feature type is on the V2 wire (model metadata).
 FEATURE_DATATYPES = {"float64": "FP64", "int64": "INT64", "bool": "BOOL", "string": BYTES, "category": BYTES}
+
+
+SERVER_NAME = "serve-app"
+
+
+def server_metadata() -> dict[str, Any]:
+    """The server metadata answer (REST ``GET /v2``, gRPC ``ServerMetadata``)."""
+    return {"name": SERVER_NAME, "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]}
 
 
 def datatype_of(array: np.ndarray) -> str:

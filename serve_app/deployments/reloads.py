@@ -30,6 +30,8 @@ NAMESPACE = "serve-app"
 POLL_INTERVAL_S = 1.0
 # A replica that has not polled for this long is gone (or stuck): a reload does not wait for it.
 REPLICA_SILENT_AFTER_S = 5.0
+# How long a reload request (the repository extension's load) waits for every replica to reload.
+RELOAD_TIMEOUT_S = 60.0
 
 
 @ray.remote(num_cpus=0, max_concurrency=64)

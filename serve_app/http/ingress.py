@@ -29,8 +29,9 @@ from serve_app.codecs import mlflow, v1, v2
 from serve_app.config import AppConfig
 from serve_app.deployments.handles import DEPLOYMENT_OPTIONS
 from serve_app.deployments.placement import DeploymentPlacement
-from serve_app.deployments.reloads import ReloadWatcher, request_reload
+from serve_app.deployments.reloads import RELOAD_TIMEOUT_S, ReloadWatcher, request_reload
 from serve_app.errors import InferenceTimeout, ReloadFailed
+from serve_app.grpc.servicer import InferenceServicer
 from serve_app import auth
 from serve_app.http import bodies
 from serve_app.http.lifecycle import HttpCall
@@ -44,7 +45,6 @@ from serve_app.serving.registry import ModelRegistry
 from serve_app.store import ModelStore
 
 logger = logging.getLogger("ray.serve")
-SERVER_NAME = "serve-app"
 # MLflow's scoring bodies, for /docs (serve_app/codecs/mlflow.py).
 MLFLOW_REQUEST = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "properties": {
@@ -53,8 +53,6 @@ MLFLOW_REQUEST = {"requestBody": {"required": True, "content": {
         "dataframe_records": {"type": "array", "items": {"type": "object"}},
         "instances": {"type": "array"}, "inputs": {}, "params": {"type": "object"}}}},
     "text/csv": {"schema": {"type": "string"}}}}}
-# How long a reload request waits for every replica to reload.
-RELOAD_TIMEOUT_S = 60.0
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
     return error_response(exc.status_code, str(exc.detail))
@@ -81,7 +79,10 @@ def fastapi_app(server: "ModelServer") -> FastAPI:
 
 @serve.deployment(name="ModelServer", **DEPLOYMENT_OPTIONS)
 @serve.ingress()
-class ModelServer:
+class ModelServer(InferenceServicer):
+    """The ingress replica: the REST routes below and the gRPC service's RPCs (inherited from
+    :class:`~serve_app.grpc.servicer.InferenceServicer`), over one registry."""
+
     def __init__(self, config: dict, dedicated: dict[str, DeploymentHandle] | None = None,
                  multiplexed: DeploymentHandle | None = None):
         self.config = AppConfig.model_validate(config)
@@ -110,6 +111,29 @@ class ModelServer:
     def _scope(self, request: Request, protocol: str, name: str, **options):
         self._watcher.start()
         return self.lifecycle.scope(HttpCall(request), protocol, name, **options)
+
+    def grpc_scope(self, call, name: str, **options):
+        self._watcher.start()
+        return self.lifecycle.scope(call, "grpc", name, **options)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self._limit
+
+    async def reload_everywhere(self, name: str) -> dict:
+        """Reload ``name`` from the store in every replica that serves it (``latest`` resolved
+        again); returns when all have, with what serves now."""
+        await self.registry.served(name)  # 404 for a name that is neither declared nor in the tail
+        generation, reloaded, pending, failed = await request_reload(self._watcher.app_name, name, RELOAD_TIMEOUT_S)
+        if pending:
+            raise InferenceTimeout(f"{len(pending)} replicas did not reload {name!r} within {RELOAD_TIMEOUT_S} s")
+        if failed:
+            raise ReloadFailed(f"reloading {name!r} failed on {len(failed)} replicas (the loaded version "
+                               f"keeps serving): {sorted(set(failed.values()))}")
+        await self._watcher.caught_up(name, generation)
+        served = await self.registry.served(name)
+        return {"name": name, "generation": generation, "replicas_reloaded": reloaded,
+                "versions": served.describe()}
 
     async def _describe(self, request: Request, protocol: str, name: str, version: str | None,
                         describe: Callable[[ModelMetadata], dict], public: bool = False) -> Response:
@@ -158,8 +182,7 @@ class ModelServer:
     # -- Open Inference Protocol V2 ------------------------------------------------------------
     @route("GET", "/v2", tags=["V2"])
     async def v2_server(self) -> Response:
-        return json_response({"name": SERVER_NAME, "version": __version__,
-                              "extensions": ["binary_tensor_data", "model_repository"]})
+        return json_response(v2.server_metadata())
 
     @route("GET", "/v2/health/live", tags=["V2"])
     async def v2_live(self) -> Response:
@@ -219,16 +242,5 @@ class ModelServer:
         """Reload ``name`` from the store in every replica that serves it, without a restart
         (``latest`` is resolved again). Answers when all have reloaded."""
         async with self._scope(request, "admin", name, timeout=RELOAD_TIMEOUT_S + 5) as scope:
-            await self.registry.served(name)  # 404 for a name that is neither declared nor in the tail
-            generation, reloaded, pending, failed = await request_reload(
-                self._watcher.app_name, name, RELOAD_TIMEOUT_S)
-            if pending:
-                raise InferenceTimeout(f"{len(pending)} replicas did not reload {name!r} within {RELOAD_TIMEOUT_S} s")
-            if failed:
-                raise ReloadFailed(f"reloading {name!r} failed on {len(failed)} replicas (the loaded version "
-                                   f"keeps serving): {sorted(set(failed.values()))}")
-            await self._watcher.caught_up(name, generation)
-            served = await self.registry.served(name)
-            scope.reply({"name": name, "generation": generation, "replicas_reloaded": reloaded,
-                         "versions": served.describe()})
+            scope.reply(await self.reload_everywhere(name))
         return scope.response

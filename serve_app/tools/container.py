@@ -7,6 +7,7 @@ a network (``--network host``, the image test beside a ``make serve``) must not 
 each port can be moved with an environment variable:
 
     SERVE_PORT               Serve's HTTP port (default: the config's, 8000)
+    SERVE_GRPC_PORT          Serve's gRPC port (default: the config's, 9000)
     RAY_DASHBOARD_PORT       Ray dashboard (default 8265)
     RAY_METRICS_EXPORT_PORT  Ray's Prometheus metrics (default 8080, KubeRay's)
     SERVE_CONFIG             the Serve config (default configs/serve_config.yaml)
@@ -54,14 +55,18 @@ WRITABLE_PATHS = (
 
 
 def config_for(env: Mapping[str, str]) -> str:
-    """Path of the config to run: the shipped one, or a copy on SERVE_PORT when that is set."""
+    """Path of the config to run: the shipped one, or a copy on SERVE_PORT (HTTP) and
+    SERVE_GRPC_PORT (gRPC) when either is set."""
     path = env.get("SERVE_CONFIG", DEFAULT_CONFIG)
-    port = env.get("SERVE_PORT")
-    if not port:
+    port, grpc_port = env.get("SERVE_PORT"), env.get("SERVE_GRPC_PORT")
+    if not port and not grpc_port:
         return path
     with open(path) as f:
         config = yaml.safe_load(f)
-    config.setdefault("http_options", {})["port"] = int(port)
+    if port:
+        config.setdefault("http_options", {})["port"] = int(port)
+    if grpc_port:
+        config.setdefault("grpc_options", {})["port"] = int(grpc_port)
     with tempfile.NamedTemporaryFile(
             "w", prefix="serve_config-", suffix=".yaml", delete=False) as out:
         yaml.safe_dump(config, out, sort_keys=False)
