@@ -20,7 +20,9 @@ import grpc
 
 from serve_app.codecs import v2, v2_proto
 from serve_app.deployments.reloads import RELOAD_TIMEOUT_S
-from serve_app.errors import ModelNotFoundError, PayloadTooLarge
+from google.protobuf.message import DecodeError
+
+from serve_app.errors import BadInput, ModelNotFoundError, PayloadTooLarge
 from serve_app.grpc import open_inference_grpc_pb2 as pb
 from serve_app.lifecycle import RequestRefused, RequestScope
 
@@ -80,16 +82,64 @@ class GrpcCall:
 Work = Callable[[RequestScope, GrpcCall], Awaitable[None]]
 
 
+class UnreadableMessage:
+    """What a request's bytes became when they are no valid message of the RPC's request type.
+
+    gRPC's server would answer a deserializer's exception with UNKNOWN before any code of
+    ours runs; this stands in for the message instead, and the RPC refuses it with
+    INVALID_ARGUMENT naming the problem (it crosses Ray's handles, so it pickles)."""
+
+    def __init__(self, type_name: str, error: str):
+        self.type_name, self.error = type_name, error
+
+
+def _reader(message_type: type) -> Callable[[bytes], Any]:
+    def read(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return UnreadableMessage(message_type.DESCRIPTOR.full_name, str(exc))
+    return read
+
+
+# Every RPC of the service: its request and response messages.
+RPCS = {"ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+        "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+        "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+        "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+        "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse)}
+
+
+def add_inference_service_to_server(servicer: Any, server: Any) -> None:
+    """The service's handlers (``grpc_servicer_functions`` in the Serve config): the generated
+    ``add_GRPCInferenceServiceServicer_to_server``, but with request readers that never raise
+    (:class:`UnreadableMessage`)."""
+    handlers = {rpc: grpc.unary_unary_rpc_method_handler(getattr(servicer, rpc), request_deserializer=_reader(request),
+                                                         response_serializer=response.SerializeToString)
+                for rpc, (request, response) in RPCS.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 class InferenceServicer:
     """The RPCs of ``inference.GRPCInferenceService`` (every one: Serve answers a missing
     method with an error of its own). The class using it supplies ``registry``,
     ``grpc_scope(call, name, **options)`` (a lifecycle scope with ``protocol="grpc"``),
     ``max_request_bytes`` and ``reload_everywhere(name)``."""
 
-    async def _rpc(self, context: Any, rpc: str, response_type: type, name: str, work: Work, **options) -> Any:
-        call = GrpcCall(context, rpc, response_type)
+    async def _rpc(self, context: Any, rpc: str, request: Any, work: Work, name_field: str | None = None,
+                   **options) -> Any:
+        call = GrpcCall(context, rpc, RPCS[rpc][1])
+        unreadable = isinstance(request, UnreadableMessage)
+        name = "" if unreadable or name_field is None else getattr(request, name_field)
         try:
             async with self.grpc_scope(call, name, **options) as scope:
+                if unreadable:
+                    raise BadInput(f"the request is not a valid {request.type_name} message: {request.error}",
+                                   "malformed_binary")
                 await work(scope, call)
         except RequestRefused as refused:  # no valid token: the answer is ready
             return refused.response
@@ -99,23 +149,23 @@ class InferenceServicer:
     async def ServerLive(self, request: Any, grpc_context: Any) -> Any:
         async def work(scope, call):
             scope.reply(pb.ServerLiveResponse(live=True))
-        return await self._rpc(grpc_context, "ServerLive", pb.ServerLiveResponse, "", work, public=True)
+        return await self._rpc(grpc_context, "ServerLive", request, work, public=True)
 
     async def ServerReady(self, request: Any, grpc_context: Any) -> Any:
         async def work(scope, call):
             scope.reply(pb.ServerReadyResponse(ready=True))
-        return await self._rpc(grpc_context, "ServerReady", pb.ServerReadyResponse, "", work, public=True)
+        return await self._rpc(grpc_context, "ServerReady", request, work, public=True)
 
     async def ServerMetadata(self, request: Any, grpc_context: Any) -> Any:
         async def work(scope, call):
             scope.reply(pb.ServerMetadataResponse(**v2.server_metadata()))
-        return await self._rpc(grpc_context, "ServerMetadata", pb.ServerMetadataResponse, "", work, public=True)
+        return await self._rpc(grpc_context, "ServerMetadata", request, work, public=True)
 
     async def ModelReady(self, request: Any, grpc_context: Any) -> Any:
         async def work(scope, call):
             worker = await self.registry.for_metadata(request.name, request.version or None)
             scope.reply(pb.ModelReadyResponse(ready=True), worker.meta.version)
-        return await self._rpc(grpc_context, "ModelReady", pb.ModelReadyResponse, request.name, work, public=True)
+        return await self._rpc(grpc_context, "ModelReady", request, work, "name", public=True)
 
     # -- models ---------------------------------------------------------------------------------
     async def ModelMetadata(self, request: Any, grpc_context: Any) -> Any:
@@ -123,12 +173,11 @@ class InferenceServicer:
             worker = await self.registry.for_metadata(request.name, request.version or None)
             scope.reply(v2_proto.model_metadata(v2.model_metadata(worker.meta), pb.ModelMetadataResponse),
                         worker.meta.version)
-        return await self._rpc(grpc_context, "ModelMetadata", pb.ModelMetadataResponse, request.name, work)
+        return await self._rpc(grpc_context, "ModelMetadata", request, work, "name")
 
     async def ModelInfer(self, request: Any, grpc_context: Any) -> Any:
-        name = request.model_name
-
         async def work(scope, call):
+            name = request.model_name
             if request.ByteSize() > self.max_request_bytes:
                 raise PayloadTooLarge(f"request of {request.ByteSize()} bytes is over the limit of "
                                       f"{self.max_request_bytes} bytes")
@@ -138,7 +187,7 @@ class InferenceServicer:
             response = v2.encode_response(name, answer, decoded)
             scope.reply(v2_proto.encode_response(response, pb.ModelInferResponse, raw=bool(request.raw_input_contents)),
                         answer.version)
-        return await self._rpc(grpc_context, "ModelInfer", pb.ModelInferResponse, name, work)
+        return await self._rpc(grpc_context, "ModelInfer", request, work, "model_name")
 
     # -- the model repository extension -----------------------------------------------------------
     async def RepositoryIndex(self, request: Any, grpc_context: Any) -> Any:
@@ -148,7 +197,7 @@ class InferenceServicer:
                 pb.RepositoryIndexResponse.ModelIndex(name=e["name"], version=e["version"], state=e["state"],
                                                       reason=e.get("reason") or "")
                 for e in entries if not request.ready or e["state"] == "READY"]))
-        return await self._rpc(grpc_context, "RepositoryIndex", pb.RepositoryIndexResponse, "", work)
+        return await self._rpc(grpc_context, "RepositoryIndex", request, work)
 
     async def RepositoryModelLoad(self, request: Any, grpc_context: Any) -> Any:
         async def work(scope, call):
@@ -156,5 +205,5 @@ class InferenceServicer:
                 raise ModelNotFoundError("model_name is empty")
             await self.reload_everywhere(request.model_name)
             scope.reply(pb.RepositoryModelLoadResponse())
-        return await self._rpc(grpc_context, "RepositoryModelLoad", pb.RepositoryModelLoadResponse,
-                               request.model_name, work, timeout=RELOAD_TIMEOUT_S + 5)
+        return await self._rpc(grpc_context, "RepositoryModelLoad", request, work, "model_name",
+                               timeout=RELOAD_TIMEOUT_S + 5)
