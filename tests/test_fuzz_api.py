@@ -6,7 +6,10 @@ Two generators, both counted:
   from the served models as often as from thin air, so bodies reach the real decoders;
 - hypothesis builds raw bodies no schema describes: truncated JSON, nesting far beyond any
   parser's limit, numbers beyond float64, NaN/Infinity literals, wrong content types, random
-  bytes, invalid UTF-8 and bodies over ``max_request_bytes``.
+  bytes, invalid UTF-8 and bodies over ``max_request_bytes``; and, for the mixed-type demos
+  (string, category, int, float and bool columns), their customer rows in every protocol's
+  form (V1 records and rows, V2 columns as JSON and with BYTES in the binary extension,
+  MLflow's split, records and CSV) with random edits.
 
 Every response must be below 500; every error must be JSON with an ``"error"`` message of
 bounded size. Afterwards the server must still answer correct predictions.
@@ -15,10 +18,14 @@ bounded size. Afterwards the server must still answer correct predictions.
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 import socket
+import struct
 from collections import Counter
 
 import httpx
+import pandas as pd
 import pytest
 import requests
 import schemathesis
@@ -27,6 +34,8 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from serve_app.errors import MAX_MESSAGE_CHARS, REASONS
+from serve_app.tools.train import TABLE_MODELS, table_split
+from test_fuzz_codecs import mutated
 
 pytestmark = pytest.mark.serve
 
@@ -235,6 +244,88 @@ def test_a_request_that_breaks_the_model_fails_alone(serve_cluster):
         statuses["isolation 400"] += 1
 
 
+# -- hypothesis: mixed-type tables ----------------------------------------------------------
+MIXED_ROWS: list[dict] | None = None
+
+
+def mixed_rows() -> list[dict]:
+    """Real rows of the demos' customer table (strings, categories, ints, floats, bools, nulls)."""
+    global MIXED_ROWS
+    if MIXED_ROWS is None:
+        MIXED_ROWS = json.loads(table_split("churn").X_test.head(20).to_json(orient="records"))
+    return MIXED_ROWS
+
+
+def v2_datatype(dtype) -> str:
+    if pd.api.types.is_bool_dtype(dtype):
+        return "BOOL"
+    if pd.api.types.is_integer_dtype(dtype):
+        return "INT64"
+    return "FP64" if pd.api.types.is_float_dtype(dtype) else "BYTES"
+
+
+def v2_columns(rows: list[dict]) -> dict:
+    names = list(rows[0])
+    dtypes = table_split("churn").X_test.dtypes
+    return {"inputs": [{"name": n, "datatype": v2_datatype(dtypes[n]), "shape": [len(rows)],
+                        "data": [r.get(n) for r in rows]} for n in names], "parameters": {"content_type": "pd"}}
+
+
+def binary_bytes_body(strings: list[bytes], declared: int) -> tuple[bytes, dict]:
+    """One BYTES column in the binary extension (4-byte little-endian length before each element),
+    its declared size possibly wrong."""
+    raw = b"".join(struct.pack("<I", len(s)) + s for s in strings)
+    header = json.dumps({"inputs": [{"name": "plan", "datatype": "BYTES", "shape": [len(strings)],
+                                     "parameters": {"binary_data_size": max(len(raw) + declared, 0)}}]}).encode()
+    return header + raw, {"content-type": "application/octet-stream",
+                          "inference-header-content-length": str(len(header))}
+
+
+@st.composite
+def mixed_requests(draw):
+    """(path, headers, body) for a mixed-type demo in one protocol's form, nearly valid."""
+    name = draw(st.sampled_from(sorted(TABLE_MODELS)))
+    rows = copy.deepcopy(draw(st.lists(st.sampled_from(mixed_rows()), min_size=1, max_size=4)))  # edited below
+    form = draw(st.sampled_from(["v1-records", "v1-rows", "v2-columns", "v2-binary-bytes", "mlflow-split",
+                                 "mlflow-records", "mlflow-csv"]))
+    statuses[f"mixed-form {form}"] += 1
+    if form == "v2-binary-bytes":
+        strings = draw(st.lists(st.binary(max_size=12) | st.sampled_from([b"basic", b"premium"]), min_size=1,
+                                max_size=4))
+        body, headers = binary_bytes_body(strings, draw(st.integers(-4, 4)))
+        return f"/v2/models/{name}/infer", headers, body
+    if form == "mlflow-csv":
+        names = list(rows[0])
+        lines = [",".join(names)] + [",".join("" if r[n] is None else str(r[n]) for n in names) for r in rows]
+        text = "\n".join(lines)
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.text(max_size=6)) + text[at:]
+        return f"/v1/models/{name}/invocations", {"content-type": "text/csv"}, text.encode("utf-8", "surrogatepass")
+    if form == "v1-records":
+        valid, path = {"instances": rows}, f"/v1/models/{name}:predict"
+    elif form == "v1-rows":
+        valid, path = {"instances": [list(r.values()) for r in rows]}, f"/v1/models/{name}:predict"
+    elif form == "v2-columns":
+        valid, path = v2_columns(rows), f"/v2/models/{name}/infer"
+    elif form == "mlflow-split":
+        valid = {"dataframe_split": {"columns": list(rows[0]), "data": [list(r.values()) for r in rows]}}
+        path = f"/v1/models/{name}/invocations"
+    else:
+        valid, path = {"dataframe_records": rows}, f"/v1/models/{name}/invocations"
+    body = draw(mutated(st.just(valid)))
+    return path, JSON, json.dumps(body, allow_nan=True, default=str).encode()
+
+
+@given(request=mixed_requests())
+@settings(max_examples=RAW_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+def test_mixed_type_bodies_are_answers_or_4xx_json(client, request):
+    """Strings, categories, nulls and numbers in the wrong places, BYTES that are not UTF-8 or
+    whose lengths lie, CSV with stray characters: a prediction or a 4xx JSON error, never a 5xx."""
+    path, headers, body = request
+    response = client.post(path, content=body, headers=headers)
+    check_response(response.status_code, response.headers.get("content-type", ""), response.content, "mixed")
+
+
 def test_server_is_healthy_after_fuzzing(client):
     """Runs last in this module: the generators produced their cases, none got a 5xx, and
     every kind of model still answers correct predictions."""
@@ -247,6 +338,9 @@ def test_server_is_healthy_after_fuzzing(client):
     # Cases reached the models (200s) as well as every way of being refused.
     assert statuses["schemathesis 200"] > 50 and statuses["raw 400"] > 100, statuses
     assert len([k for k in statuses if k.startswith("raw-kind ")]) == 7, statuses
+    # The mixed-type demos were reached in every form, and both answered and refused.
+    assert len([k for k in statuses if k.startswith("mixed-form ")]) == 7, statuses
+    assert statuses["mixed 200"] > 20 and statuses["mixed 400"] > 20, statuses
 
     assert client.get("/-/healthz").status_code == 200
     v1 = client.post("/v1/models/iris:predict", json={"instances": [IRIS_ROW]})

@@ -101,9 +101,11 @@ def test_mlflow_scoring_protocol(http, fitted, name):
     csv = http.post(f"/v1/models/{name}/invocations", content=rows.to_csv(index=False),
                     headers={"content-type": "text/csv"})
     assert csv.status_code == 200 and csv.json() == {"predictions": labels}, csv.text
-    proba = http.post(f"/v1/models/{name}/invocations", json={
-        "dataframe_split": {"columns": split["columns"], "data": split["data"]}, "params": {"output": "predict_proba"}})
-    np.testing.assert_allclose(proba.json()["predictions"], reference(estimator, rows)[1], rtol=1e-9)
+    for body in ({"dataframe_split": {"columns": split["columns"], "data": split["data"]}},
+                 {"dataframe_records": records(rows)}, {"instances": records(rows)}):
+        proba = http.post(f"/v1/models/{name}/invocations", json={**body, "params": {"output": "predict_proba"}})
+        assert proba.status_code == 200, proba.text
+        np.testing.assert_allclose(proba.json()["predictions"], reference(estimator, rows)[1], rtol=1e-9)
 
 
 def test_invocations_without_a_model_answers_with_the_configured_one(http, serve_cluster, fitted):
@@ -148,6 +150,56 @@ def test_bad_rows_are_a_400_with_a_reason(http, fitted, change, name, reason, fr
         answer = http.post(path, json=body)
         assert answer.status_code == 400, answer.text
         assert answer.json()["reason"] == reason and fragment in answer.json()["error"]
+
+
+def test_a_missing_column_and_mixed_row_shapes_are_a_400(http, fitted):
+    row = records(fitted["churn"][1].head(1))[0]
+    missing = {k: v for k, v in row.items() if k != "plan"}
+    for path, body in (("/v1/models/churn:predict", {"instances": [missing]}),
+                       ("/v1/models/churn/invocations", {"dataframe_records": [missing]})):
+        answer = http.post(path, json=body)
+        assert answer.status_code == 400 and answer.json()["reason"] == "feature_names", answer.text
+        assert "missing features ['plan']" in answer.json()["error"]
+    mixed_rows = http.post("/v1/models/churn:predict", json={"instances": [row, list(row.values())]})
+    assert mixed_rows.status_code == 400 and mixed_rows.json()["reason"] == "invalid_request", mixed_rows.text
+    columns = [{"name": k, "datatype": "BYTES" if isinstance(v, str) or v is None else
+                "BOOL" if isinstance(v, bool) else "INT64" if isinstance(v, int) else "FP64",
+                "shape": [2 if k == "plan" else 1], "data": [v, v] if k == "plan" else [v]} for k, v in row.items()]
+    ragged = http.post("/v2/models/churn/infer", json={"inputs": columns})
+    assert ragged.status_code == 400 and ragged.json()["reason"] == "wrong_shape", ragged.text
+    assert "differ in length" in ragged.json()["error"]
+
+
+def test_a_value_the_users_pipeline_refuses_fails_alone_in_its_batch(http, serve_cluster):
+    """A pipeline whose encoder raises on unknown values (handle_unknown="error"), published
+    as allowing them, so the edge lets "gold" through and the pipeline itself raises: that
+    request gets a 400 with the pipeline's message, and the concurrent requests sharing its
+    batch get their answers."""
+    import httpx
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    split = table_split("churn")
+    X = split.X_train[["plan", "tenure_months"]]
+    model = Pipeline([("prepare", ColumnTransformer([("plan", OneHotEncoder(), ["plan"])], remainder="passthrough")),
+                      ("classify", LogisticRegression(max_iter=500))]).fit(X, split.y_train)
+    publish(model, "strict-churn", X, store=ModelStore(str(serve_cluster.store)), unknown_categories="allow")
+    good = [{"plan": "basic", "tenure_months": 3}, {"plan": "premium", "tenure_months": 40}]
+    expected = model.predict(pd.DataFrame(good)).tolist()
+
+    def ask(rows):
+        with httpx.Client(base_url=serve_cluster.url, timeout=60) as client:
+            return client.post("/v1/models/strict-churn:predict", json={"instances": rows})
+
+    for _ in range(3):  # batches form from arrival times: a few rounds
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(ask, [good] * 5 + [[{"plan": "gold", "tenure_months": 3}]] + [good] * 5))
+        refused = answers.pop(5)
+        assert refused.status_code == 400 and refused.json()["reason"] == "rejected_by_model", refused.text
+        assert "gold" in refused.json()["error"]
+        assert [(a.status_code, a.json()["predictions"]) for a in answers] == [(200, expected)] * 10
 
 
 def test_concurrent_single_rows_batch_and_each_gets_its_own_answer(serve_url, fitted):
