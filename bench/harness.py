@@ -42,8 +42,8 @@ import yaml
 
 from bench import cpushare, inprocess, launch, loadgen, report
 from bench.model_export import export_model
-from bench.workloads import (WORKLOADS, Request, Workload, answered_labels, features, npy, table_rows, v2_binary,
-                             v2_columns, v2_json)
+from bench.workloads import (WORKLOADS, Request, Workload, answered_labels, features, grpc_infer, grpc_labels, npy,
+                             table_rows, v2_binary, v2_columns, v2_json)
 from serve_app.runtimes import load_runtime
 from serve_app.store import ModelStore
 
@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "serve_config.yaml"
 SERVERS = ("ours", "serve-minimal", "fastapi", "fastapi-1", "mlserver")
 RAY_SERVERS = ("ours", "serve-minimal")
+GRPC_SERVERS = ("ours", "mlserver")  # the peers that serve the Open Inference Protocol's gRPC service
 MLSERVER_VENV = ROOT / "bench" / ".mlserver-venv"
 QUICK = {"workloads": ["xgb-1", "sklearn-1", "churn-1", "churn-1000"], "concurrency": [1, 16], "levers": [], "duration": 4.0,
          "warmup": 1.0, "limit_seconds": 0.5, "rounds": 3, "memory": False}
@@ -62,6 +63,8 @@ def request_for(server: str, workload: Workload, binary_format: str = "v2", expe
     the cell is measured, on every server)."""
     if server not in SERVERS:
         raise ValueError(server)
+    if workload.grpc:  # the same ModelInfer message for every server that speaks the protocol's gRPC
+        return grpc_infer(workload.model, features(workload.model, workload.rows)) if server in GRPC_SERVERS else None
     if workload.table:  # the same per-column V2 JSON body for every server (MLServer: its PandasCodec)
         return v2_columns(workload.model, table_rows(workload.model, workload.rows), expected)
     X = features(workload.model, workload.rows)
@@ -236,6 +239,7 @@ class Endpoint:
     url: str
     session: int  # launch.session_memory counts its processes
     workers: Callable[[], int]  # processes serving requests now (replicas, uvicorn/MLServer workers)
+    grpc_target: str | None = None  # host:port of its gRPC service, for the servers that have one
 
 
 class Servers:
@@ -250,7 +254,8 @@ class Servers:
         log = self.run.logs / f"{server}-round{self.run.round}.log"
         if server == "ours":
             with launch.serve_run(cluster, our_config(self.store), log) as url:
-                yield Endpoint(url, cluster.session, lambda: launch.running_replicas(cluster, "models", "ModelServer"))
+                yield Endpoint(url, cluster.session, lambda: launch.running_replicas(cluster, "models", "ModelServer"),
+                               cluster.grpc_target)
         elif server == "serve-minimal":
             config = minimal_serve_config(self.model_dir, self.replicas, _ingress(our_config(self.store))
                                           .get("max_ongoing_requests", 5))
@@ -262,7 +267,7 @@ class Servers:
                 yield Endpoint(proc.url, proc.session, lambda: workers)
         elif server == "mlserver":
             with launch.mlserver(self.run.args.mlserver_venv, self.model_dir, log, self.replicas) as proc:
-                yield Endpoint(proc.url, proc.session, lambda: self.replicas)
+                yield Endpoint(proc.url, proc.session, lambda: self.replicas, proc.grpc_target)
         else:
             raise ValueError(server)
 
@@ -304,31 +309,44 @@ class Run:
                 label: str, slug: str) -> dict:
         """One cell; ``label`` names it in the progress lines, ``slug`` in file names."""
         url = endpoint.url
-        check = httpx.post(url + request.path, content=request.body, headers=request.headers, timeout=60)
-        if check.status_code != 200:  # a wrong request would measure error pages
-            raise RuntimeError(f"{label} {workload.key}: {check.status_code} {check.text[:500]}")
-        if request.expected is not None:  # nor would wrong answers (say, strings decoded as bytes)
-            labels = answered_labels(check.json())
-            wrong = [i for i, (a, b) in enumerate(zip(labels, request.expected)) if a != b]
-            if len(labels) != len(request.expected) or wrong:
-                raise RuntimeError(f"{label} {workload.key}: {len(wrong)} of {len(request.expected)} labels differ "
-                                   f"from the in-memory pipeline's (first rows {wrong[:5]}): {check.text[:300]}")
-        script = loadgen.write_script(request, self.scripts, f"{slug}-{workload.key}")
+        if workload.grpc:  # h2load counts HTTP statuses: check a real gRPC answer first
+            labels = grpc_labels(request, endpoint.grpc_target)
+            reference = grpc_labels(request, endpoint.grpc_target)
+            if not labels or labels != reference:
+                raise RuntimeError(f"{label} {workload.key}: gRPC answers {labels[:5]} / {reference[:5]}")
+
+            def load(seconds: float) -> dict:
+                return loadgen.h2load(endpoint.grpc_target, request, self.scripts, f"{slug}-{workload.key}",
+                                      concurrency, seconds)
+        else:
+            check = httpx.post(url + request.path, content=request.body, headers=request.headers, timeout=60)
+            if check.status_code != 200:  # a wrong request would measure error pages
+                raise RuntimeError(f"{label} {workload.key}: {check.status_code} {check.text[:500]}")
+            if request.expected is not None:  # nor would wrong answers (say, strings decoded as bytes)
+                labels = answered_labels(check.json())
+                wrong = [i for i, (a, b) in enumerate(zip(labels, request.expected)) if a != b]
+                if len(labels) != len(request.expected) or wrong:
+                    raise RuntimeError(f"{label} {workload.key}: {len(wrong)} of {len(request.expected)} labels "
+                                       f"differ from the in-memory pipeline's (first rows {wrong[:5]}): {check.text[:300]}")
+            script = loadgen.write_script(request, self.scripts, f"{slug}-{workload.key}")
+
+            def load(seconds: float) -> dict:
+                return loadgen.wrk(url + request.path, script, concurrency, seconds)
         if self.args.warmup > 0:
-            loadgen.wrk(url + request.path, script, concurrency, self.args.warmup)
+            load(self.args.warmup)
         session = set(p.pid for p in launch.session_processes(endpoint.session))
         other_rays = launch.other_raylets(self.ray_temp_dirs)
         memory: dict = {}
         sampler = _sample_memory(endpoint.session, self.args.duration / 2, memory)
         before = cpushare.ticks()
-        result = loadgen.wrk(url + request.path, script, concurrency, self.args.duration)
+        result = load(self.args.duration)
         after = cpushare.ticks()
         sampler.join()
         other_rays = max(other_rays, launch.other_raylets(self.ray_temp_dirs))
         session |= set(p.pid for p in launch.session_processes(endpoint.session))
         # CPU by process kind: the server's own processes by name, the load generator, the rest
         used = cpushare.cpu_seconds(before, {
-            pid: (kind if int(pid) in session else "wrk" if kind == "wrk" else "rest of the machine", n)
+            pid: (kind if int(pid) in session else kind if kind in ("wrk", "h2load") else "rest of the machine", n)
             for pid, (kind, n) in after.items()})
         requests = result["requests"] - result["non_2xx"]
         cell = {"server": server, "workload": workload.key, "rows": workload.rows, "concurrency": concurrency,

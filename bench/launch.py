@@ -236,6 +236,7 @@ def serve_run(cluster: RayCluster, config: dict, log_path: Path) -> Iterator[str
 class ProcessServer:
     url: str
     session: int
+    grpc_target: str | None = None  # host:port of its gRPC service, if it has one
 
 
 @contextmanager
@@ -269,10 +270,17 @@ def mlserver(venv: Path, model_dir: Path, log_path: Path, workers: int) -> Conte
     """MLServer from its own virtualenv, serving ``model_dir`` (model folders with their
     model-settings.json, adaptive batching on) with ``workers`` inference processes
     (``parallel_workers``), its other settings at their defaults."""
-    port = free_port()
-    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
+    port, grpc_port = free_port(), free_port()
+    settings = {"host": "127.0.0.1", "http_port": port, "grpc_port": grpc_port, "metrics_port": free_port(),
                 "parallel_workers": workers}
     (model_dir / "settings.json").write_text(json.dumps(settings))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return process_server([str(venv / "bin" / "mlserver"), "start", str(model_dir)], env,
-                          "/v2/health/ready", port, log_path, settle_s=2.0)
+    return _with_grpc(process_server([str(venv / "bin" / "mlserver"), "start", str(model_dir)], env,
+                                     "/v2/health/ready", port, log_path, settle_s=2.0), f"127.0.0.1:{grpc_port}")
+
+
+@contextmanager
+def _with_grpc(server: ContextManager[ProcessServer], target: str) -> Iterator[ProcessServer]:
+    with server as proc:
+        proc.grpc_target = target
+        yield proc

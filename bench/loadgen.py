@@ -1,6 +1,9 @@
 """Load from wrk (C, event-driven: a few percent of a core at these rates), one fixed request
 body per run read from a file by a Lua script, results printed by the script's ``done`` hook
-as one JSON line (HdrHistogram percentiles, no text parsing of wrk's report)."""
+as one JSON line (HdrHistogram percentiles, no text parsing of wrk's report).
+
+gRPC cells: nghttp2's h2load (C, HTTP/2), one stream at a time per connection like wrk, the
+framed ModelInfer message as its body; latencies from its per-request log file."""
 
 from __future__ import annotations
 
@@ -63,3 +66,40 @@ def measure(url: str, script: Path, connections: int, duration_s: float, warmup_
     if warmup_s > 0:
         wrk(url, script, connections, warmup_s)
     return wrk(url, script, connections, duration_s)
+
+
+def h2load(target: str, request: Request, folder: Path, name: str, connections: int, duration_s: float) -> dict:
+    """``connections`` HTTP/2 connections to ``target`` (host:port), each posting ``request`` one
+    stream at a time for ``duration_s``; the same figures as :func:`wrk`. h2load sees HTTP
+    statuses only: gRPC's own status is in the trailers, so callers check an answer first."""
+    body, log = folder / f"{name}.grpc", folder / f"{name}.h2load.log"
+    body.write_bytes(request.body)
+    log.unlink(missing_ok=True)
+    command = [shutil.which("h2load") or "h2load", "-c", str(connections), "-m", "1", "-t", str(min(2, connections)),
+               "-D", str(max(1, round(duration_s))), "-d", str(body), f"--log-file={log}"]
+    for key, value in request.headers.items():
+        command += ["-H", f"{key}: {value}"]
+    command.append(f"http://{target}{request.path}")
+    out = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + 60)
+    rows = [line.split("\t") for line in log.read_text().splitlines()] if log.exists() else []
+    if out.returncode != 0 or not rows:
+        raise RuntimeError(f"h2load gave no result (exit {out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")
+    starts = [int(r[0]) for r in rows]
+    latencies = sorted(int(r[2]) for r in rows)
+    ok = sum(1 for r in rows if r[1] == "200")
+    seconds = max(duration_s, (max(starts) - min(starts)) / 1e6)
+
+    def percentile(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q / 100 * len(latencies)))] / 1000
+
+    errors = sum(int(n) for n in _h2load_counts(out.stdout, ("failed", "errored", "timeout")))
+    return {"rps": ok / seconds, "p50_ms": percentile(50), "p90_ms": percentile(90), "p99_ms": percentile(99),
+            "max_ms": latencies[-1] / 1000, "requests": len(rows), "non_2xx": len(rows) - ok,
+            "socket_errors": errors, "seconds": round(seconds, 2)}
+
+
+def _h2load_counts(report: str, names: tuple[str, ...]) -> list[str]:
+    """The counts h2load's ``requests:`` line gives for ``names`` ("0 failed, 0 errored, ...")."""
+    line = next((ln for ln in report.splitlines() if ln.startswith("requests:")), "")
+    parts = dict(reversed(p.strip().split(" ", 1)) for p in line.removeprefix("requests:").split(",") if " " in p.strip())
+    return [parts.get(name, "0") for name in names]

@@ -32,6 +32,7 @@ class Workload:
     binary: bool
     title: str
     table: bool = False  # a mixed-type table (v2_columns), not a numeric matrix
+    grpc: bool = False  # the Open Inference Protocol's ModelInfer over gRPC (raw contents)
 
 
 WORKLOADS = {w.key: w for w in (
@@ -43,7 +44,12 @@ WORKLOADS = {w.key: w for w in (
              "V2 columns JSON", table=True),
     Workload("churn-1000", "churn", 1000, False, "mixed-type ColumnTransformer pipeline (churn), 1000 rows, "
              "V2 columns JSON", table=True),
+    Workload("grpc-1", "breast-cancer", 1, True, "XGBoost (breast-cancer), 1 row, gRPC ModelInfer (raw contents)",
+             grpc=True),
+    Workload("grpc-1000", "breast-cancer", 1000, True, "XGBoost, 1000 rows, gRPC ModelInfer (raw contents)",
+             grpc=True),
 )}
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,37 @@ def v2_binary(model: str, X: np.ndarray) -> Request:
                                        "parameters": {"binary_data_size": len(raw)}}]})
     return Request(f"/v2/models/{model}/infer", header + raw,
                    {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))})
+
+
+def grpc_infer(model: str, X: np.ndarray) -> Request:
+    """A ModelInfer call as tritonclient.grpc sends it (raw_input_contents), framed for the wire
+    (a 0 compression flag, the 4-byte big-endian length, the message): what h2load posts."""
+    from serve_app.grpc import open_inference_grpc_pb2 as pb  # only gRPC cells need the messages
+
+    message = pb.ModelInferRequest(model_name=model, raw_input_contents=[X.astype("<f8").tobytes()])
+    message.inputs.add(name="input-0", datatype="FP64", shape=list(X.shape))
+    payload = message.SerializeToString()
+    return Request(GRPC_INFER, b"\x00" + len(payload).to_bytes(4, "big") + payload,
+                   {"content-type": "application/grpc", "te": "trailers"})
+
+
+def grpc_labels(request: Request, target: str) -> list:
+    """The ``predict`` output of one real gRPC call of ``request`` (a check before a cell: h2load
+    counts HTTP statuses, and a gRPC error travels in an HTTP 200's trailers)."""
+    import grpc  # only gRPC cells need a client
+
+    from serve_app.grpc import open_inference_grpc_pb2 as pb
+
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(GRPC_INFER, request_serializer=pb.ModelInferRequest.SerializeToString,
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+        answer = call(pb.ModelInferRequest.FromString(request.body[5:]), timeout=60)
+    index = next(i for i, o in enumerate(answer.outputs) if o.name == "predict")
+    output = answer.outputs[index]
+    if answer.raw_output_contents:
+        dtype = {"INT64": "<i8", "FP64": "<f8", "FP32": "<f4", "INT32": "<i4"}[output.datatype]
+        return np.frombuffer(answer.raw_output_contents[index], dtype).tolist()
+    return list(output.contents.int64_contents or output.contents.fp64_contents or output.contents.fp32_contents)
 
 
 def npy(path: str, X: np.ndarray) -> Request:
