@@ -41,12 +41,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Debian tools the tests drive for real (Prometheus/promtool, image build, wrk). Installed only when
+# Debian tools the tests drive for real (Prometheus/promtool, image build, wrk, h2load for gRPC). Installed only when
 # one is missing, so a laptop that has them is left alone; tests that need one skip without it
 # on a laptop but fail under CI=true, where this target has installed them.
 SYSTEM_TOOLS := prometheus:prometheus promtool:prometheus \
                 buildah:buildah podman:podman debootstrap:debootstrap wrk:wrk chromium:chromium \
-                redis-server:redis-server redis-cli:redis-tools openssl:openssl
+                redis-server:redis-server redis-cli:redis-tools openssl:openssl h2load:nghttp2-client
 system-tools:
 	@missing=$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done | sort -u); \
 	if [ -n "$$missing" ]; then \
@@ -121,7 +121,8 @@ $(MLSERVER_VENV)/.installed: bench/mlserver-requirements.txt
 	touch $@
 
 bench: $(STAMP) $(MLSERVER_VENV)/.installed
-	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
+	@command -v wrk >/dev/null && command -v h2load >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client)
 	$(BIN)/python -m bench.harness $(BENCH_ARGS)
 
 # The image's pinned, hash-checked dependencies (and the build backend): regenerate after

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 def test_harness_runs_every_peer_and_writes_results_table_and_plot(tmp_path):
     require_tool("wrk")
+    require_tool("h2load")
     mlserver_venv = ROOT / "bench" / ".mlserver-venv"
     if not (mlserver_venv / "bin" / "mlserver").exists():
         message = "no MLServer in bench/.mlserver-venv (make bench-peers creates it)"
@@ -29,7 +30,7 @@ def test_harness_runs_every_peer_and_writes_results_table_and_plot(tmp_path):
     out = tmp_path / "results"
     servers = ("ours", "serve-minimal", "fastapi", "fastapi-1", "mlserver")
     command = [sys.executable, "-m", "bench.harness", "--servers", ",".join(servers), "--rounds", "1",
-               "--workloads", "xgb-1,xgb-1000-binary,churn-1000", "--concurrency", "2", "--lever-concurrency", "2",
+               "--workloads", "xgb-1,xgb-1000-binary,churn-1000,grpc-1", "--concurrency", "2", "--lever-concurrency", "2",
                "--levers", "npy", "--duration", "1", "--warmup", "0", "--limit-seconds", "0.3", "--out", str(out)]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -40,8 +41,9 @@ def test_harness_runs_every_peer_and_writes_results_table_and_plot(tmp_path):
     # MLServer's REST API takes JSON only: it has no binary cell. Every server serves the
     # mixed-type table (MLServer through its PandasCodec); the harness checked each one's labels
     # against the in-memory pipeline's before measuring it.
+    # gRPC cells: the servers that serve the Open Inference Protocol's gRPC service.
     assert set(cells) == {(s, w, 2) for s in servers for w in ("xgb-1", "xgb-1000-binary", "churn-1000")} - {
-        ("mlserver", "xgb-1000-binary", 2)}
+        ("mlserver", "xgb-1000-binary", 2)} | {("ours", "grpc-1", 2), ("mlserver", "grpc-1", 2)}
     assert {cells[(s, "churn-1000", 2)]["bytes_per_request"] for s in servers} == {
         cells[("ours", "churn-1000", 2)]["bytes_per_request"]}  # one body for all
     replicas = results["meta"]["ingress_replicas"]
@@ -65,7 +67,7 @@ def test_harness_runs_every_peer_and_writes_results_table_and_plot(tmp_path):
     assert memory["ours"]["rss_mb"] > memory["fastapi"]["rss_mb"] > 0
     assert cells[("fastapi", "xgb-1", 2)]["x_fastapi"] == 1.0
     assert "x_fastapi" in cells[("ours", "xgb-1", 2)] and "x_in_process" in cells[("ours", "xgb-1000-binary", 2)]
-    assert set(results["in_process"]) == {"xgb-1", "xgb-1000-binary", "churn-1000"}
+    assert set(results["in_process"]) == {"xgb-1", "xgb-1000-binary", "churn-1000", "grpc-1"}
     assert [lever["lever"] for lever in results["levers"]] == [
         "application/x-npy instead of the V2 binary extension"]
     goals = {g["goal"] for g in results["goals"]}

@@ -408,3 +408,37 @@ def test_grpc_requests_are_counted_with_their_protocol(serve_cluster, stub):
             return
         time.sleep(0.5)
     pytest.fail(f"gRPC requests not counted: 200 {before_ok}->{count('200')}, 400 {before_bad}->{count('400')}")
+
+
+# -- the docs' example ------------------------------------------------------------------------
+def test_the_docs_python_example_runs_and_prints_what_it_says(serve_cluster, rest):
+    """docs/grpc.md's tritonclient example, as written, against this cluster: only the address
+    changes, and a tritonclient plugin adds the ``application`` metadata this cluster's three
+    applications need (``make serve`` runs one)."""
+    import contextlib
+    import io
+    import re
+
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "grpc.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert 'InferenceServerClient("localhost:9000")' in snippet
+    snippet = snippet.replace('InferenceServerClient("localhost:9000")',
+                              f'InferenceServerClient("{serve_cluster.grpc_target}")')
+    snippet = snippet.replace("\nrows = ", "\nclient.register_plugin(_Application())\nrows = ", 1)
+
+    class _Application:
+        def __call__(self, request):
+            request.headers["application"] = "models"
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(snippet, "docs/grpc.md", "exec"), {"_Application": _Application})
+    lines = printed.getvalue().splitlines()
+    expected = re.findall(r"print\(.*\)  # (.*)", snippet)
+    assert lines[:2] == expected[:2], (lines, expected)
+    row = {"plan": "premium", "region": "south", "contract": "month-to-month", "tenure_months": 3,
+           "monthly_charges": 92.5, "support_calls": 4, "paperless_billing": True}
+    label = rest.post("/v1/models/churn:predict", json={"instances": [row]}).json()["predictions"][0]
+    assert lines[2] == expected[2] == f"[b'{label}']", (lines, expected, label)
