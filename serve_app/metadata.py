@@ -34,6 +34,10 @@ NUMERIC_TYPES = ("float64", "int64")
 INPUT_FORMS = ("matrix", "frame")
 
 
+class MetadataError(ValueError):
+    """A stored metadata document this server does not accept (unknown fields, wrong types)."""
+
+
 @dataclass(frozen=True)
 class Feature:
     name: str
@@ -113,8 +117,20 @@ class ModelMetadata:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelMetadata":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """The metadata a stored document describes, or MetadataError. The schema is closed: a
+        field this server does not know is refused, not skipped, because a stored file must
+        never widen how its model loads (a ``trusted_types`` list beside a model approving its
+        own types: the server's configuration alone decides that)."""
+        if not isinstance(data, dict):
+            raise MetadataError(f"metadata must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise MetadataError(f"unknown metadata fields {unknown}: refusing the model (loading is decided by "
+                                "the server's configuration, never by fields stored beside a model)")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:  # a missing field, a feature with unknown keys, a bad value
+            raise MetadataError(f"invalid metadata: {exc}") from None
 
 
 def labels_from_probabilities(classes, proba: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from sklearn.utils.validation import check_is_fitted
 from serve_app.codecs.tables import from_records
 from serve_app.metadata import (Feature, ModelMetadata, categorical_reference, is_missing, numeric_reference)
 from serve_app.runtimes import ArtifactError, UnsupportedOutput, runtime_for
-from serve_app.store import DEFAULT_STORE, ModelStore, check_segment, store_from_environment
+from serve_app.store import DEFAULT_STORE, ModelStore, VersionExists, check_segment, store_from_environment
 
 # Rows of the sample the published artifact is checked on (all of them, up to this many).
 CHECK_ROWS = 2000
@@ -72,7 +72,7 @@ def publish(model: Any, name: str, sample: Any, *, store: str | ModelStore | Non
     policy = unknown_categories or _unknown_policy(model, framework)
     runtime_cls = runtime_for(framework)
     metadata = ModelMetadata(
-        name=name, version=str(version) if version is not None else _next_version(target, name),
+        name=name, version=str(version) if version is not None else target.next_version(name),
         framework=framework, task=task, features=features, artifact=runtime_cls.artifact_name, sha256="",
         classes=labels, metrics=dict(metrics or {}), description=description,
         reference_stats=_reference_stats(frame, features),
@@ -85,7 +85,13 @@ def publish(model: Any, name: str, sample: Any, *, store: str | ModelStore | Non
                            "is never changed: publish a new one (version=None), or pass replace=True")
     artifact = runtime_cls.serialize(fitted)
     metadata.input_form = _input_form(runtime_cls, artifact, metadata, fitted, frame, sample)
-    return target.save(metadata, artifact)
+    if version is None:  # the next free number at the moment of writing (another publish may take this one)
+        return target.add_version(metadata, artifact)
+    try:
+        return target.save(metadata, artifact, replace=replace)
+    except VersionExists as exc:
+        raise PublishError(f"{exc}; a published version is never changed: publish a new one (version=None), "
+                           "or pass replace=True") from None
 
 
 # -- what the model is -----------------------------------------------------------------------
@@ -399,11 +405,6 @@ def _plain(value: Any) -> Any:
         except (TypeError, ValueError):
             pass
     return value
-
-
-def _next_version(store: ModelStore, name: str) -> str:
-    numeric = [int(v) for v in store.versions(name) if v.isdigit()]
-    return str(max(numeric, default=0) + 1)
 
 
 def _library_versions() -> dict[str, str]:

@@ -6,6 +6,13 @@ rules live once, in :class:`ModelStore`, so both locations behave identically.
 
 Loading always verifies the artifact's sha256 against the metadata before any framework
 code sees the bytes: a corrupted or swapped artifact is refused, never deserialised.
+
+Publishing is atomic and exclusive. Each file appears whole or not at all (a private temporary
+file linked into place; an S3 object), artifact first; the metadata file is the commit point
+and is created only if absent (``os.link``; S3's ``If-None-Match: *``), and so is the artifact.
+So a version is never half visible, and a publish racing another for the same version fails
+instead of overwriting the winner's artifact (which would leave its metadata naming other bytes).
+A publish that dies leaves at most an artifact or a temporary file that no reader lists or reads.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -47,6 +55,14 @@ class IntegrityError(ModelStoreError):
     """The artifact's bytes do not match the sha256 recorded in its metadata."""
 
 
+class InvalidMetadata(ModelStoreError):
+    """A stored metadata file that is no metadata this server accepts (serve_app.metadata)."""
+
+
+class VersionExists(ModelStoreError):
+    """The version is taken: published already, or held by another (or a crashed) publish."""
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -64,8 +80,13 @@ def check_segment(kind: str, value: str) -> str:
 
 
 class StorageBackend(Protocol):
+    """Moves bytes. A written key appears with all its bytes or not at all."""
+
     def read_bytes(self, key: str) -> bytes: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist (atomically); False when it did."""
+        ...
     def list_children(self, prefix: str) -> list[str]: ...
     def exists(self, key: str) -> bool: ...
 
@@ -82,10 +103,37 @@ class LocalBackend:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self.root / key
+        self._private_copy(path, data).replace(path)  # readers never see a half-written file
+
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        path = self.root / key
+        tmp = self._private_copy(path, data)
+        try:
+            os.link(tmp, path)  # fails if the name exists: exclusive, and complete when it appears
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+        return True
+
+    @staticmethod
+    def _private_copy(path: Path, data: bytes) -> Path:
+        """``data`` in a new file beside ``path`` under a name no other writer uses (a dot file,
+        never a version or a metadata file to readers), flushed to disk."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # readers never see a half-written file
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
 
     def exists(self, key: str) -> bool:
         return (self.root / key).is_file()
@@ -122,6 +170,18 @@ class S3Backend:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError  # here: boto3 is imported only for S3 stores
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+        except ClientError as exc:
+            # 412: the key exists; 409: a concurrent conditional write of the key won
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
 
     def exists(self, key: str) -> bool:
         listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(key), MaxKeys=1)
@@ -179,7 +239,11 @@ class ModelStore:
     def read_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
         version = self.resolve_version(name, version)
         key = f"{check_segment('name', name)}/{check_segment('version', version)}/{METADATA_FILE}"
-        return ModelMetadata.from_dict(json.loads(self.backend.read_bytes(key)))
+        data = self.backend.read_bytes(key)
+        try:
+            return ModelMetadata.from_dict(json.loads(data))
+        except ValueError as exc:  # not JSON, or not metadata this server accepts (MetadataError)
+            raise InvalidMetadata(f"{name}/{version}/{METADATA_FILE}: {exc}") from None
 
     def read_artifact(self, metadata: ModelMetadata) -> bytes:
         """The artifact's bytes, refused unless they hash to the recorded sha256."""
@@ -193,14 +257,45 @@ class ModelStore:
         return data
 
     # -- writing -------------------------------------------------------------------------
-    def save(self, metadata: ModelMetadata, artifact: bytes) -> ModelMetadata:
-        """Write artifact first, metadata last: a version is visible only once complete."""
+    def save(self, metadata: ModelMetadata, artifact: bytes, *, replace: bool = False) -> ModelMetadata:
+        """Write artifact first, metadata last: a version is visible only once complete.
+
+        Both are created only if absent (an artifact already holding these very bytes is
+        kept): VersionExists when the version is taken, by a finished publish, one in
+        progress, or one that crashed after writing its artifact. ``replace`` overwrites
+        instead, for rebuilding a store no server reads (a reader between the two writes
+        would find the new artifact under the old metadata and refuse it)."""
         check_segment("name", metadata.name)
         check_segment("version", metadata.version)
         metadata.sha256 = sha256_hex(artifact)
         prefix = f"{metadata.name}/{metadata.version}"
-        self.backend.write_bytes(f"{prefix}/{metadata.artifact}", artifact)
-        self.backend.write_bytes(
-            f"{prefix}/{METADATA_FILE}", json.dumps(metadata.to_dict(), indent=2).encode()
-        )
+        artifact_key, metadata_key = f"{prefix}/{metadata.artifact}", f"{prefix}/{METADATA_FILE}"
+        document = json.dumps(metadata.to_dict(), indent=2).encode()
+        if replace:
+            self.backend.write_bytes(artifact_key, artifact)
+            self.backend.write_bytes(metadata_key, document)
+            return metadata
+        if (not self.backend.create_bytes(artifact_key, artifact)
+                and sha256_hex(self.backend.read_bytes(artifact_key)) != metadata.sha256):
+            raise VersionExists(f"{prefix} in {self.backend} is taken: another publish of it wrote other bytes "
+                                "(in progress, or crashed before its metadata)")
+        if not self.backend.create_bytes(metadata_key, document):
+            raise VersionExists(f"{metadata.name} version {metadata.version} exists in {self.backend}")
         return metadata
+
+    def next_version(self, name: str) -> str:
+        """One above every numbered version of ``name``, complete or not: a number a crashed
+        or concurrent publish holds is not tried again."""
+        numbers = [int(v) for v in self.backend.list_children(check_segment("name", name)) if v.isdigit()]
+        return str(max(numbers, default=0) + 1)
+
+    def add_version(self, metadata: ModelMetadata, artifact: bytes, attempts: int = 20) -> ModelMetadata:
+        """Save as the next numbered version; a number taken meanwhile by a concurrent
+        publish moves this one to the next."""
+        for _ in range(attempts):
+            metadata.version = self.next_version(metadata.name)
+            try:
+                return self.save(metadata, artifact)
+            except VersionExists:
+                continue
+        raise VersionExists(f"no free version of {metadata.name} in {self.backend} after {attempts} attempts")

@@ -27,9 +27,16 @@ def load_runtime(store, name: str, version: str | None = None) -> ModelRuntime:
     return runtime_for(metadata.framework).load(store.read_artifact(metadata), metadata)
 
 
+def check_loadable(store, metadata) -> None:
+    """What every load checks before deserialising, without deserialising: the artifact is
+    readable, has its recorded sha256, and its runtime's policy accepts it (trusted types).
+    ModelStoreError or ArtifactError otherwise."""
+    runtime_for(metadata.framework).check(store.read_artifact(metadata), metadata)
+
+
 def accepts_missing(metadata) -> bool:
     """Whether the runtime of a stored model takes null/NaN inputs (known without loading it)."""
     return runtime_for(metadata.framework).accepts_missing
 
 
-__all__ += ["load_runtime", "accepts_missing"]
+__all__ += ["load_runtime", "check_loadable", "accepts_missing"]

@@ -17,14 +17,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from serve_app.errors import BadInput
+from serve_app.errors import BadInput, ReloadFailed
 from serve_app.metadata import ModelMetadata
 
 RUNTIMES: dict[str, type["ModelRuntime"]] = {}
 
 
-class ArtifactError(Exception):
-    """An artifact that must not or cannot be loaded (untrusted types, bad format)."""
+class ArtifactError(ReloadFailed):
+    """An artifact that must not or cannot be loaded (untrusted types, bad format): for a
+    client, the store holds a model this server refuses (409), never a server fault."""
 
 
 class UnsupportedOutput(BadInput):
@@ -100,6 +101,11 @@ class ModelRuntime(ABC):
     @abstractmethod
     def serialize(cls, model: Any) -> bytes:
         """The artifact bytes for a fitted model (used by training)."""
+
+    @classmethod
+    def check(cls, artifact: bytes, metadata: ModelMetadata) -> None:
+        """ArtifactError if :meth:`load` would refuse these bytes on the server's policy,
+        decided without deserialising them (nothing in them runs)."""
 
     @classmethod
     @abstractmethod

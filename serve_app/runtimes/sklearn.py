@@ -63,7 +63,14 @@ class SklearnRuntime(ModelRuntime):
         return sio.dumps(model)
 
     @classmethod
-    def load(cls, artifact: bytes, metadata: ModelMetadata) -> "SklearnRuntime":
+    def check(cls, artifact: bytes, metadata: ModelMetadata) -> None:
+        cls._untrusted(artifact, metadata)
+
+    @classmethod
+    def _untrusted(cls, artifact: bytes, metadata: ModelMetadata) -> list[str]:
+        """The artifact's types outside skops' defaults, all of them trusted by this server's
+        configuration (``trusted_types()``: nothing stored with the model widens it), else
+        ArtifactError naming the others."""
         try:
             untrusted = set(sio.get_untrusted_types(data=artifact))
         except Exception as exc:  # not a skops file at all
@@ -75,7 +82,17 @@ class SklearnRuntime(ModelRuntime):
                 f"{refused}; refusing to load (extend SERVE_APP_SKOPS_TRUSTED_TYPES only "
                 "for types you have audited)"
             )
-        return cls(sio.loads(artifact, trusted=sorted(untrusted)), metadata)
+        return sorted(untrusted)
+
+    @classmethod
+    def load(cls, artifact: bytes, metadata: ModelMetadata) -> "SklearnRuntime":
+        trusted = cls._untrusted(artifact, metadata)
+        try:
+            model = sio.loads(artifact, trusted=trusted)
+        except Exception as exc:  # its types are trusted, its content is not a model skops can build
+            raise ArtifactError(f"{metadata.name}/{metadata.version}: the skops artifact cannot be loaded: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        return cls(model, metadata)
 
     def predict(self, X) -> np.ndarray:
         with client_values(self.meta):

@@ -34,9 +34,13 @@ class XGBoostRuntime(ModelRuntime):
         return bytes(booster.save_raw(raw_format="ubj"))
 
     @classmethod
-    def load(cls, artifact: bytes, metadata: ModelMetadata) -> "XGBoostRuntime":
+    def check(cls, artifact: bytes, metadata: ModelMetadata) -> None:
         if not artifact:  # libxgboost aborts the process on empty input instead of raising
             raise ArtifactError(f"{metadata.name}: the XGBoost artifact is empty")
+
+    @classmethod
+    def load(cls, artifact: bytes, metadata: ModelMetadata) -> "XGBoostRuntime":
+        cls.check(artifact, metadata)
         booster = xgb.Booster()
         try:
             booster.load_model(bytearray(artifact))

@@ -8,22 +8,29 @@ a :class:`Placement` for workers, so it is tested without Ray.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from typing import Protocol
 
 from serve_app.config import AppConfig, ModelSpec
-from serve_app.errors import ModelNotFoundError
+from serve_app.errors import ModelNotFoundError, ReloadFailed
 from serve_app.metadata import ModelMetadata
+from serve_app.runtimes import ArtifactError, check_loadable
 from serve_app.serving.interface import Worker, close_later, distinct
 from serve_app.serving.served import ServedModel
-from serve_app.store import ModelStoreError, ModelStore, version_sort_key
+from serve_app.store import ModelStoreError, ModelStore, NotInStore, version_sort_key
+
+logger = logging.getLogger("ray.serve")
 
 # A name found missing in the store is not looked up again for this long: a flood of unknown
 # names stays off the store.
 ABSENT_FOR_S = 5.0
 # Long-tail models whose metadata the registry keeps (the models themselves live elsewhere).
 MAX_TAIL_ENTRIES = 1000
+# How many of the newest stored versions "latest" tries, newest first, when they cannot be
+# loaded (a tampered artifact, an untrusted type): an older good one serves instead.
+LATEST_CANDIDATES = 3
 
 
 class Placement(Protocol):
@@ -44,7 +51,8 @@ class ModelRegistry:
         self._specs = {spec.name: spec for spec in config.models}
         self.declared: dict[str, ServedModel] = {spec.name: self._open(spec) for spec in config.models}
         self._tail: OrderedDict[str, ServedModel] = OrderedDict()
-        self._absent: dict[str, float] = {}
+        # name -> (until when, the error its lookup gave: not in the store, or refused)
+        self._absent: dict[str, tuple[float, Exception]] = {}
 
     def _open(self, spec: ModelSpec) -> ServedModel:
         return ServedModel.declared(spec, *self._placement.declared(spec))
@@ -67,12 +75,15 @@ class ModelRegistry:
         if served is not None:
             return served
         mux = self.config.multiplexed
-        if mux is None or not mux.serves(name) or self._absent.get(name, 0) > time.monotonic():
+        if mux is None or not mux.serves(name):
             raise ModelNotFoundError(f"model {name!r} is not served; served: {sorted(self.declared)}")
+        until, error = self._absent.get(name, (0.0, None))
+        if until > time.monotonic():
+            raise error
         try:
             default = await self._open_tail_version(name, None)
-        except ModelNotFoundError:
-            self._absent[name] = time.monotonic() + ABSENT_FOR_S
+        except (ModelNotFoundError, ReloadFailed) as exc:
+            self._absent[name] = (time.monotonic() + ABSENT_FOR_S, exc)
             raise
         served = self._tail[name] = ServedModel(
             name, {"latest": default}, "latest", serving="multiplexed",
@@ -82,14 +93,42 @@ class ModelRegistry:
         return served
 
     async def _open_tail_version(self, name: str, version: str | None) -> Worker:
+        return self._placement.tail(await asyncio.to_thread(self._loadable, name, version))
+
+    def _loadable(self, name: str, version: str | None) -> ModelMetadata:
+        """The metadata of ``version`` of a long-tail model, checked as a load would check it
+        (metadata accepted, artifact's sha256, trusted types) before any replica loads it.
+        ``latest`` is the newest stored version that passes: a version that does not leaves
+        the previous one serving, never a server error. 404 when there is no such version,
+        409 (``reload_failed``) when the store's versions are refused."""
         try:
-            meta = await asyncio.to_thread(self.store.read_metadata, name, version)
+            stored = self.store.versions(name)
         except (ModelStoreError, ValueError):
-            if version is None:
-                raise ModelNotFoundError(f"model {name!r} is not served and not in the store; served: "
-                                         f"{sorted(self.declared)}") from None
-            raise ModelNotFoundError(f"model {name!r} has no version {version!r} in the store") from None
-        return self._placement.tail(meta)
+            stored = []
+        candidates = stored[::-1][:LATEST_CANDIDATES] if version is None else [version]
+        if version is None and not candidates:
+            raise ModelNotFoundError(f"model {name!r} is not served and not in the store; served: "
+                                     f"{sorted(self.declared)}")
+        refused = []
+        for candidate in candidates:
+            try:
+                meta = self.store.read_metadata(name, candidate)
+                check_loadable(self.store, meta)
+            except (NotInStore, ValueError):  # an absent or invalid version number
+                if version is None:
+                    continue
+                raise ModelNotFoundError(f"model {name!r} has no version {version!r} in the store") from None
+            except (ModelStoreError, ArtifactError) as exc:
+                refused.append(f"version {candidate}: {exc}")
+                continue
+            if refused:
+                logger.warning("model %r: serving version %s; newer versions refused: %s", name, candidate,
+                               "; ".join(refused))
+            return meta
+        if not refused:
+            raise ModelNotFoundError(f"model {name!r} is not served and not in the store; served: "
+                                     f"{sorted(self.declared)}")
+        raise ReloadFailed(f"model {name!r}: the store's version cannot be served: {'; '.join(refused)}")
 
     async def for_inference(self, name: str, version: str | None, key: str | None) -> Worker:
         """The worker that answers: ``version`` when the request names one, else the canary
