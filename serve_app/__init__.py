@@ -2,11 +2,15 @@
 
 __version__ = "0.1.0"
 
+# name -> the module that defines it, imported on first use: replicas never import pandas,
+# pyarrow or Ray Data for these.
+_LAZY = {"publish": "publishing", "PublishError": "publishing", "score": "scoring"}
+
 
 def __getattr__(name: str):
-    """``from serve_app import publish`` without every replica importing pandas at start."""
-    if name in ("publish", "PublishError"):
-        from serve_app import publishing  # on first use: replicas never import pandas for it
+    """``from serve_app import publish, score`` without every replica importing their libraries at start."""
+    if name in _LAZY:
+        import importlib
 
-        return getattr(publishing, name)
+        return getattr(importlib.import_module(f"serve_app.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'serve_app' has no attribute {name!r}")
