@@ -1,5 +1,6 @@
 """``serve-app``: the project's command line (the pyproject entry point): ``manifests``, ``publish``
-(a model file to the store, docs/your-own-model-cli.md) and ``models`` (what the store holds).
+(a model file to the store, docs/your-own-model-cli.md), ``models`` (what the store holds) and ``score``
+(a whole table with a stored model on Ray Data, docs/batch-scoring.md).
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that declares its arguments and sets
 ``run``; add a command by writing one and listing it in ``SUBCOMMANDS``.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -169,8 +171,60 @@ def _table(headers: list[str], rows: list[list[str]], indent: str = "") -> list[
     return [indent + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
             for row in [headers, *rows]]
 
+def _add_score(subparsers) -> None:
+    from serve_app.scoring import DEFAULT_BATCH_ROWS, ON_ERROR, SCORE_ENV
 
-SUBCOMMANDS = (_add_manifests, _add_publish, _add_models)
+    parser = subparsers.add_parser(
+        "score", help="score a whole table (Parquet or CSV; a file, a folder or s3://) with a stored model on Ray Data",
+        description="Validate every row as serving does and score it with the stored model on a Ray Data actor "
+                    "pool; refused rows go to an errors file. Exit status: 0 all rows scored, 2 the run failed "
+                    "(or a row was refused with --on-error fail), 3 rows were refused (--on-error continue). "
+                    "docs/batch-scoring.md")
+    # Each of these three may come from the environment instead (SERVE_APP_SCORE_MODEL, ...): the RayJob's way.
+    given = {name: os.environ.get(variable) or None for name, variable in SCORE_ENV.items()}
+    parser.add_argument("--model", default=given["model"], required=not given["model"],
+                        help="the model's name in the store (default: SERVE_APP_SCORE_MODEL)")
+    parser.add_argument("--version", default=None, help="the version to use (default: the latest)")
+    parser.add_argument("--input", default=given["input"], required=not given["input"], metavar="PATH",
+                        help="a .parquet/.csv file, a folder of them, or s3://... (default: SERVE_APP_SCORE_INPUT)")
+    parser.add_argument("--output", default=given["output"], required=not given["output"], metavar="PATH",
+                        help="where the scores go: a Parquet folder, or CSV files when PATH ends in .csv "
+                             "(default: SERVE_APP_SCORE_OUTPUT)")
+    parser.add_argument("--store", default=None, help="local path or s3://bucket/prefix "
+                        "(default: SERVE_APP_STORE, else ./model_store)")
+    parser.add_argument("--address", default=None, metavar="auto|ray://...",
+                        help="attach to a running Ray cluster (default: start a local Ray on this machine's cores)")
+    parser.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS, metavar="N",
+                        help=f"rows per model call (default {DEFAULT_BATCH_ROWS})")
+    parser.add_argument("--output-columns", type=_comma_list, default=["predict"], metavar="predict,predict_proba",
+                        help="predict (labels or values) and/or predict_proba (one proba_<class> column per class)")
+    parser.add_argument("--key-columns", type=_comma_list, default=None, metavar="A,B,...",
+                        help="input columns copied to the output (default: every column that is not a feature)")
+    parser.add_argument("--on-error", choices=ON_ERROR, default="fail",
+                        help="a refused row stops the run (fail, exit 2) or is set aside (continue, exit 3)")
+    parser.add_argument("--errors", default=None, metavar="PATH",
+                        help="the refused rows' file (default: <output>.errors.parquet; .csv for CSV)")
+    parser.add_argument("--concurrency", type=int, default=None, metavar="N",
+                        help="scoring actors at most (default: the cluster's CPUs)")
+    parser.set_defaults(run=_run_score)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from serve_app import scoring  # on demand: Ray Data and pyarrow
+
+    try:
+        summary = scoring.score(args.model, args.input, args.output, version=args.version, store=args.store,
+                                outputs=args.output_columns, key_columns=args.key_columns, batch_rows=args.batch_rows,
+                                on_error=args.on_error, errors=args.errors, address=args.address,
+                                concurrency=args.concurrency)
+    except (scoring.ScoreError, *STORE_FAILURES) as exc:
+        print(f"serve-app score: {exc}", file=sys.stderr)
+        return scoring.EXIT_FAILED
+    print(summary)
+    return summary.exit_status
+
+
+SUBCOMMANDS = (_add_manifests, _add_publish, _add_models, _add_score)
 
 
 def main(argv: list[str] | None = None) -> int:
