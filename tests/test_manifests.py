@@ -306,6 +306,18 @@ def test_ray_version_and_image_follow_the_pins(variant):
     assert "image" not in rs["spec"]["rayClusterConfig"]["autoscalerOptions"]
 
 
+def test_the_batch_score_rayjob_follows_the_pins_too():
+    """cluster/jobs/batch-score takes both from generated/ as well (tests/test_rayjob.py checks the rest)."""
+    require_tool("kubectl")
+    pins = manifests.read_pins(ROOT)
+    (job,) = manifests.render(CLUSTER / "jobs" / "batch-score")
+    spec = job["spec"]
+    assert spec["rayClusterSpec"]["rayVersion"] == pins.ray_version
+    groups = [spec["rayClusterSpec"]["headGroupSpec"], *spec["rayClusterSpec"]["workerGroupSpecs"]]
+    pods = [spec["submitterPodTemplate"], *(g["template"] for g in groups)]
+    assert {c["image"] for pod in pods for c in pod["spec"]["containers"]} == {pins.image}
+
+
 def test_serve_config_v2_validates_with_ray_serve_and_imports():
     from ray.serve.schema import ServeDeploySchema
 

@@ -1,7 +1,8 @@
 """The batch-scoring RayJob (cluster/jobs/batch-score), rendered by ``kubectl kustomize`` and
 checked as tests/test_manifests.py checks the RayService: against the KubeRay RayJob CRD's schema
-(strictly) and its CEL rules, with the RayService's image and Ray version, sized like its workers,
-locked down the same way, and running a ``serve-app score`` command line that parses.
+(strictly) and its CEL rules, sized like its workers, locked down the same way, and running a
+``serve-app score`` command line that parses. Its image and Ray version are checked with the
+RayService's in tests/test_manifests.py (``test_the_batch_score_rayjob_follows_the_pins_too``).
 """
 
 from __future__ import annotations
@@ -50,15 +51,6 @@ def test_the_rayjob_renders_and_passes_the_crd_schema_and_its_cel_rules():
     assert rule_failures(job) == []
     assert rule_failures(job, old=job) == []  # an update to itself (the transition rules)
     assert job["metadata"]["namespace"] == "serve-app"
-
-
-def test_the_rayjob_runs_the_rayservices_image_and_ray_version():
-    pins, job = manifests.read_pins(manifests.ROOT), the_job()
-    assert job["spec"]["rayClusterSpec"]["rayVersion"] == pins.ray_version
-    images = {c["image"] for t in templates(job).values() for c in t["spec"]["containers"]}
-    assert images == {pins.image}
-    assert images == {c["image"] for c in rayservice("dev")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
-                      ["spec"]["containers"]}
 
 
 def test_the_entrypoint_is_a_score_command_reading_its_settings_from_the_heads_environment(monkeypatch):
