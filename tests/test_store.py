@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -15,10 +16,12 @@ from serve_app.metadata import METADATA_FILE, Feature, ModelMetadata, reference_
 from serve_app.runtimes import UnsupportedOutput, load_runtime, runtime_for
 from serve_app.store import (
     IntegrityError,
+    InvalidMetadata,
     LocalBackend,
     NotInStore,
     ModelStore,
     S3Backend,
+    VersionExists,
     version_sort_key,
 )
 from serve_app.tools.train import DEMO_MODELS, train_model
@@ -327,3 +330,86 @@ def test_s3_tampered_artifact_is_refused(s3_bucket):
     with pytest.raises(IntegrityError, match="sha256") as excinfo:
         load_runtime(store, "iris")
     assert meta.sha256 in str(excinfo.value)
+
+
+# -- publishing is atomic and exclusive (docs/models.md#publishing-atomic-and-exclusive) ------------
+def constant_model(name: str, value: float) -> tuple[ModelMetadata, bytes]:
+    """A model whose every prediction is ``value``: an answer names the artifact it came from."""
+    from sklearn.dummy import DummyRegressor  # here: only these tests need a constant model
+
+    artifact = runtime_for("sklearn").serialize(DummyRegressor(strategy="constant", constant=value).fit([[0.0]], [0.0]))
+    return ModelMetadata(name=name, version="0", framework="sklearn", task="regression", features=[Feature("x")],
+                         artifact="model.skops", sha256=""), artifact
+
+
+def prediction(store: ModelStore, name: str, version: str) -> float:
+    return float(load_runtime(store, name, version).predict(np.zeros((1, 1)))[0])
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request, tmp_path):
+    if request.param == "local":
+        return ModelStore(str(tmp_path / "store"))
+    client, bucket = request.getfixturevalue("s3_bucket")
+    return ModelStore(f"s3://{bucket}/models")
+
+
+def test_a_version_is_never_overwritten_by_a_racing_publish(any_store):
+    """Two publishes that both picked version 1: the second finds it taken (the first's artifact
+    and metadata untouched) and the next-version path moves it to 2."""
+    (first, a), (second, b) = constant_model("m", 1.0), constant_model("m", 2.0)
+    first.version = second.version = "1"
+    any_store.save(first, a)
+    with pytest.raises(VersionExists, match="taken"):
+        any_store.save(second, b)
+    assert prediction(any_store, "m", "1") == 1.0
+    assert any_store.add_version(second, b).version == "2" and prediction(any_store, "m", "2") == 2.0
+    # A version left with its artifact only (a crashed publish): the same bytes may finish it,
+    # other bytes may not; numbering goes past it; replace=True overwrites.
+    any_store.backend.write_bytes("m/3/model.skops", a)
+    third, _ = constant_model("m", 1.0)
+    third.version = "3"
+    with pytest.raises(VersionExists, match="taken"):
+        any_store.save(third, b)
+    assert any_store.next_version("m") == "4" and any_store.versions("m") == ["1", "2"]
+    assert any_store.save(third, a).version == "3" and prediction(any_store, "m", "3") == 1.0
+    with pytest.raises(VersionExists, match="exists"):
+        any_store.save(third, a)
+    assert any_store.save(third, b, replace=True).version == "3" and prediction(any_store, "m", "3") == 2.0
+
+
+def test_concurrent_publishers_each_get_their_own_complete_version(any_store):
+    """Eight threads publish at once (a barrier lines them up): eight distinct versions, each
+    the model of the thread that got it."""
+    barrier, got = threading.Barrier(8), {}
+
+    def publisher(value: float) -> None:
+        meta, artifact = constant_model("race", value)
+        barrier.wait()
+        got[value] = any_store.add_version(meta, artifact).version
+
+    threads = [threading.Thread(target=publisher, args=(float(i),)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(got.values(), key=int) == any_store.versions("race") and len(set(got.values())) == 8
+    assert all(prediction(any_store, "race", version) == value for value, version in got.items())
+
+
+def test_leftovers_of_a_write_are_never_listed_or_read(tmp_path):
+    """A temporary file (a write that died), the old fixed ``.tmp`` name, and a model.json that
+    is not metadata: no version, and reading the broken one is a clear store error."""
+    store = ModelStore(str(tmp_path))
+    meta, artifact = constant_model("m", 1.0)
+    store.add_version(meta, artifact)
+    (tmp_path / "m" / "2").mkdir()
+    (tmp_path / "m" / "2" / f".{METADATA_FILE}.0123.tmp").write_text('{"name": "m", "vers')
+    (tmp_path / "m" / "2" / f"{METADATA_FILE}.tmp").write_text("{}")
+    assert store.versions("m") == ["1"] and store.read_metadata("m").version == "1"
+    assert sorted(p.name for p in (tmp_path / "m" / "1").iterdir()) == [METADATA_FILE, "model.skops"]
+    (tmp_path / "m" / "3").mkdir()
+    for broken in ("not json", "[1, 2]", json.dumps({**meta.to_dict(), "features": [{"name": "x", "evil": 1}]})):
+        (tmp_path / "m" / "3" / METADATA_FILE).write_text(broken)
+        with pytest.raises(InvalidMetadata):
+            store.read_metadata("m", "3")
