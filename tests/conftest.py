@@ -179,17 +179,20 @@ def make_test_config(store: Path, port: int, api_token: str, grpc_port: int | No
 FLEET = "/fleet"
 TAIL_MODELS = [f"tail-{i:02d}" for i in range(20)]
 FLEET_MAX_MODELS_PER_REPLICA = 4
+# Above the large models of tests/test_resource_bounds.py (25 MB), below its too-large one (50 MB).
+FLEET_MAX_MODEL_BYTES = 40 * 2**20
 
 
 def fleet_app(store: Path) -> dict:
     """A third application for versions and the long tail (tests/test_versions.py): iris with
     three live versions (80/20 canary between 1 and 2, version 3 in shadow), diabetes on
     "latest" (the reload test trains a new version), and every other stored model multiplexed
-    on one replica holding at most FLEET_MAX_MODELS_PER_REPLICA models. Its store is filled
-    before the cluster starts (prepare_fleet_store)."""
+    on one replica holding at most FLEET_MAX_MODELS_PER_REPLICA models, none over
+    FLEET_MAX_MODEL_BYTES. Its store is filled before the cluster starts (prepare_fleet_store)."""
     return {
         "name": "fleet", "route_prefix": FLEET, "import_path": "serve_app.app:build_app",
         "args": {"store": str(store), "train_if_missing": False, "access_log": {"sample_rate": 0},
+                 "max_model_bytes": FLEET_MAX_MODEL_BYTES,
                  "models": [
                      {"name": "iris", "version": "1", "traffic": {"1": 80, "2": 20}, "shadow": "3",
                       "drift": {"window_rows": 0}},

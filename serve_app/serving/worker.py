@@ -19,6 +19,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -27,13 +28,14 @@ from ray import serve
 
 from serve_app.codecs.tables import typical_row
 from serve_app.config import ModelSpec
-from serve_app.metadata import labels_from_probabilities
+from serve_app.errors import ModelTooLarge
+from serve_app.metadata import ModelMetadata, labels_from_probabilities
 from serve_app.monitoring.drift import DriftMonitor
 from serve_app.monitoring.telemetry import ModelTelemetry
-from serve_app.runtimes import ModelRuntime, load_runtime
+from serve_app.runtimes import ModelRuntime, runtime_for
 from serve_app.serving.interface import Answer, ModelInput, Worker
 from serve_app.serving.outputs import EXPLANATION_OUTPUTS, wants_explanation
-from serve_app.store import ModelStore
+from serve_app.store import LocalBackend, ModelStore, S3Backend
 
 logger = logging.getLogger("ray.serve")
 
@@ -43,6 +45,42 @@ _Item = tuple[ModelInput, tuple[str, ...]]
 
 def _rows(items: Sequence[_Item]) -> int:
     return sum(inputs.rows for inputs, _ in items)
+
+
+def artifact_bytes(store: ModelStore, meta: ModelMetadata) -> int | None:
+    """The stored artifact's size, asked of the backend without reading the artifact (a file's
+    stat, an S3 object's HEAD); None when the backend cannot tell."""
+    key, backend = f"{meta.name}/{meta.version}/{meta.artifact}", store.backend
+    try:
+        if isinstance(backend, LocalBackend):
+            return (backend.root / key).stat().st_size
+        if isinstance(backend, S3Backend):
+            return backend.client.head_object(Bucket=backend.bucket, Key=backend._key(key))["ContentLength"]
+    except Exception:  # missing or unreadable: the read that follows says so
+        return None
+    return None
+
+
+def refuse_if_too_large(meta: ModelMetadata, size: int | None, max_bytes: int | None) -> None:
+    """ModelTooLarge when ``size`` (the artifact's bytes) is over ``max_bytes``."""
+    if size is not None and max_bytes is not None and size > max_bytes:
+        raise ModelTooLarge(
+            f"model {meta.name!r} version {meta.version} is not loaded: its artifact is {size:,} bytes "
+            f"({size / 2**20:.1f} MiB), over this server's max_model_bytes of {max_bytes:,} bytes "
+            f"({max_bytes / 2**20:.1f} MiB)")
+
+
+def _batch_handler(worker: "ModelWorker"):
+    """The worker's ``_run_batch`` for Serve's batch queue, holding the worker weakly. The queue
+    runs a task that lives until the event loop ends and keeps its handler; a bound method
+    would keep the model with it after an eviction, until a full garbage collection (rare in a
+    replica: its heap is large and old)."""
+    ref = weakref.ref(worker)
+
+    async def _run_batch(items: list[_Item]) -> list[Outputs | Exception]:  # Serve's batch metrics' label
+        return await ref()._run_batch(items)  # a batch's requests hold the worker
+
+    return _run_batch
 
 
 class ModelWorker(Worker):
@@ -68,13 +106,19 @@ class ModelWorker(Worker):
             max_batch_size=spec.max_batch_size,
             batch_wait_timeout_s=spec.batch_wait_timeout_s,
             batch_size_fn=_rows,
-        )(self._run_batch)
+        )(_batch_handler(self))
         self.telemetry.loaded(load_seconds)
 
     @classmethod
     def from_store(cls, store: ModelStore, spec: ModelSpec) -> "ModelWorker":
+        """Load ``spec``'s version, refused (ModelTooLarge) before it is read when the backend
+        knows the artifact is over ``spec.max_model_bytes``, else before it is deserialised."""
         started = time.perf_counter()
-        runtime = load_runtime(store, spec.name, spec.version)
+        meta = store.read_metadata(spec.name, spec.version)
+        refuse_if_too_large(meta, artifact_bytes(store, meta), spec.max_model_bytes)
+        artifact = store.read_artifact(meta)
+        refuse_if_too_large(meta, len(artifact), spec.max_model_bytes)
+        runtime = runtime_for(meta.framework).load(artifact, meta)
         return cls(runtime, spec, time.perf_counter() - started)
 
     def reconfigure(self, spec: ModelSpec) -> None:
@@ -86,16 +130,22 @@ class ModelWorker(Worker):
         self._batched.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
 
     def close(self) -> None:
-        """Release the model's thread and stop reporting it (replaced, or evicted from a
-        multiplexed replica). Safe to call twice."""
+        """Release the model's thread and stop reporting it (replaced after a reload). Safe to
+        call twice."""
+        self._unloaded()
+        self._model_thread.shutdown(wait=False)
+
+    def _unloaded(self) -> None:
         if not self._closed:
             self._closed = True
-            self._model_thread.shutdown(wait=False)
             self.telemetry.unloaded()
 
-    def __del__(self) -> None:  # Serve's multiplexing drops evicted models without a call
+    def __del__(self) -> None:
+        """Serve's multiplexing calls this when it evicts the model, while requests may still
+        hold it: only the metrics go here. The model, its thread and its batching queue go with
+        the last reference, which nothing else keeps (see _batch_handler)."""
         try:
-            self.close()
+            self._unloaded()
         except Exception:
             pass
 

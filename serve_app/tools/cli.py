@@ -1,6 +1,7 @@
 """``serve-app``: the project's command line (the pyproject entry point): ``manifests``, ``publish``
-(a model file to the store, docs/your-own-model-cli.md), ``models`` (what the store holds) and ``score``
-(a whole table with a stored model on Ray Data, docs/batch-scoring.md).
+(a model file to the store, docs/your-own-model-cli.md), ``models`` (what the store holds), ``score``
+(a whole table with a stored model on Ray Data, docs/batch-scoring.md) and ``serve`` / ``stop``
+(a local server and exactly its processes, ``make serve`` / ``make stop``).
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that declares its arguments and sets
 ``run``; add a command by writing one and listing it in ``SUBCOMMANDS``.
@@ -171,6 +172,47 @@ def _table(headers: list[str], rows: list[list[str]], indent: str = "") -> list[
     return [indent + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
             for row in [headers, *rows]]
 
+
+RUN_FILE = Path(".serve-app/run.json")  # what `serve` started, for `stop`
+
+
+def _add_serve(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a Serve config on a local Ray of its own until Ctrl-C (make serve)",
+        description="Start a local Ray with a private temp dir, deploy the config, record what was "
+                    "started in the run file, serve until SIGINT/SIGTERM, then stop exactly that.")
+    parser.add_argument("--config", default="configs/serve_config.yaml", help="the Serve config to run")
+    parser.add_argument("--run-file", type=Path, default=RUN_FILE,
+                        help=f"where to record what was started (default {RUN_FILE}; `serve-app stop` reads it)")
+    parser.add_argument("--dashboard-port", type=int, default=8265)
+    parser.add_argument("--metrics-export-port", type=int, default=None,
+                        help="Ray's Prometheus metrics port (default: Ray picks one)")
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from serve_app.tools import supervisor  # on demand: Ray takes seconds to import
+
+    return supervisor.serve_forever(supervisor.Options(
+        config=args.config, run_file=args.run_file,
+        dashboard_port=args.dashboard_port, metrics_export_port=args.metrics_export_port))
+
+
+def _add_stop(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "stop", help="stop the server a run file records, and nothing else (make stop)",
+        description="Stop the `serve-app serve` recorded in the run file: its supervisor, every Ray "
+                    "process and the HAProxy it started. Other local Ray clusters are not touched.")
+    parser.add_argument("--run-file", type=Path, default=RUN_FILE, help=f"the run file of the server (default {RUN_FILE})")
+    parser.set_defaults(run=_run_stop)
+
+
+def _run_stop(args: argparse.Namespace) -> int:
+    from serve_app.tools import supervisor  # on demand: Ray takes seconds to import
+
+    return supervisor.stop(args.run_file)
+
+
 def _add_score(subparsers) -> None:
     from serve_app.scoring import DEFAULT_BATCH_ROWS, ON_ERROR, SCORE_ENV
 
@@ -224,7 +266,7 @@ def _run_score(args: argparse.Namespace) -> int:
     return summary.exit_status
 
 
-SUBCOMMANDS = (_add_manifests, _add_publish, _add_models, _add_score)
+SUBCOMMANDS = (_add_manifests, _add_publish, _add_models, _add_score, _add_serve, _add_stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
-"""The container image's CMD: ``serve run`` on the shipped config, ports from the environment.
+"""The container image's CMD: the shipped config served by the supervisor that ``make serve``
+runs (serve_app/tools/supervisor.py), ports from the environment.
 
-A plain ``serve run`` starts Ray with the dashboard on 127.0.0.1 and the metrics on a random
-port, and serves on the config's fixed port. In a container the dashboard and metrics must
+``make serve`` starts Ray with the dashboard on 127.0.0.1 and the metrics on a random port,
+and serves on the config's fixed port. In a container the dashboard and metrics must
 listen on all interfaces at known ports (the image EXPOSEs them), and two containers sharing
 a network (``--network host``, the image test beside a ``make serve``) must not collide, so
 each port can be moved with an environment variable:
@@ -11,25 +12,27 @@ each port can be moved with an environment variable:
     RAY_DASHBOARD_PORT       Ray dashboard (default 8265)
     RAY_METRICS_EXPORT_PORT  Ray's Prometheus metrics (default 8080, KubeRay's)
     SERVE_CONFIG             the Serve config (default configs/serve_config.yaml)
+    SERVE_DRAIN_S            on SIGTERM, how long Serve may shut the applications down
+                             gracefully before Ray is stopped (default 5)
 
-plus Ray's own ``RAY_SERVE_HAPROXY_STATS_PORT`` / ``RAY_SERVE_HAPROXY_METRICS_PORT``.
+plus Ray's own ``RAY_SERVE_HAPROXY_STATS_PORT`` / ``RAY_SERVE_HAPROXY_METRICS_PORT`` and
+``RAY_TMPDIR`` (Ray's temp dir is ``$RAY_TMPDIR/ray``, default /tmp/ray; the run file lies
+beside it).
 
-SIGTERM (``docker stop``, the kubelet) is handled as Ctrl-C is by ``serve run``: the
-applications are deleted, then Ray's processes, which this command started, shut down with
-it. A KubeRay pod does not use this: it runs ``ray start`` with its own command and deploys
-the RayService's serveConfigV2.
+On SIGTERM (``docker stop``, the kubelet) Serve drains for up to SERVE_DRAIN_S, then every
+process this command started is stopped, HAProxy included, and it exits 0. A KubeRay pod does
+not use this: it runs ``ray start`` with its own command and deploys the RayService's
+serveConfigV2.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
-import ray
 import yaml
-from ray.serve.scripts import cli
 
 DEFAULT_CONFIG = "configs/serve_config.yaml"
 
@@ -43,7 +46,7 @@ WRITABLE_PATHS = (
     # Ray's temp root: the session dir (logs, sockets, runtime_env files, metrics discovery),
     # /tmp/ray/ray_current_cluster, the object store's fallback files, HAProxy's config, admin
     # socket and logs (/tmp/haproxy-serve), this command's moved copy of the Serve config
-    # (SERVE_PORT), multiprocessing's and joblib's temp dirs.
+    # (SERVE_PORT) and its run file, multiprocessing's and joblib's temp dirs.
     "/tmp",
     # Ray's token authentication: ray.init() (this CMD) generates ~/.ray/auth_token when Ray
     # is given no token (no RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and it fails at start if it
@@ -73,23 +76,18 @@ def config_for(env: Mapping[str, str]) -> str:
     return out.name
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    path = config_for(os.environ)
-    # `serve run` calls ray.init() only when Ray is not initialised yet: start it here with
-    # the dashboard and metrics reachable from outside the container.
-    ray.init(
-        namespace="serve",
-        include_dashboard=True,
-        dashboard_host="0.0.0.0",
+    # here: Ray is imported only to serve, not by the modules that read WRITABLE_PATHS
+    from serve_app.tools.supervisor import Options, serve_forever
+
+    tmp = Path(os.environ.get("RAY_TMPDIR", "/tmp"))
+    serve_forever(Options(
+        config=config_for(os.environ), run_file=tmp / "serve-app-run.json", temp_dir=str(tmp / "ray"),
+        # Reachable from outside the container: the node's own address, all interfaces.
+        node_ip=None, dashboard_host="0.0.0.0",
         dashboard_port=int(os.environ.get("RAY_DASHBOARD_PORT", "8265")),
-        _metrics_export_port=int(os.environ.get("RAY_METRICS_EXPORT_PORT", "8080")),
-    )
-    signal.signal(signal.SIGTERM, _interrupt)
-    cli.main(["run", path], prog_name="serve")
+        metrics_export_port=int(os.environ.get("RAY_METRICS_EXPORT_PORT", "8080")),
+        drain_s=float(os.environ.get("SERVE_DRAIN_S", "5"))))
 
 
 if __name__ == "__main__":

@@ -117,25 +117,25 @@ def stop_orphaned_haproxy(port: int) -> None:
             pass
 
 
-def stop_ray_cluster(temp_dir: str | os.PathLike, timeout: float = 15) -> None:
-    """Stop the local Ray started with ``--temp-dir=temp_dir``, and nothing else.
+def cluster_processes(markers: list[str] | tuple[str, ...]) -> list:
+    """The processes of one local Ray cluster: each names one of ``markers`` (its temp dir,
+    its HAProxy config directory) on its command line, or descends from one that does.
 
-    ``ray stop`` ends every Ray on the machine; a test or benchmark must not take down a
-    ``make serve`` (or another suite) running beside it. Every process of a Ray cluster
-    (GCS, raylet, dashboard, workers) names its session directory, which lies under the
-    cluster's temp dir, on its command line, or is a child of one that does (workers
-    rename themselves ``ray::...``). A process whose parent died first (Ray's client server
-    is re-parented to init and names only the GCS address) is found as an orphan in the
-    process group of one of those.
+    Every process of a Ray cluster (GCS, raylet, dashboard, workers) names its session
+    directory, which lies under the cluster's temp dir, on its command line, or is a child of
+    one that does (workers rename themselves ``ray::...``; HAProxy is a child of the proxy
+    actor). A process whose parent died first (Ray's client server, a HAProxy whose actor was
+    killed) is found by its own marker or as an orphan in the process group of a matched one.
+    Never the caller, its ancestors, or a process of the caller's own group that is not
+    matched (its shell, make, a CI runner).
     """
-    import psutil  # the test extra's: only the tests and the benchmarks call this
+    import psutil  # here: Ray ships it (importable once ray is), the test extra installs it
 
-    marker = str(temp_dir)
     mine: dict[int, psutil.Process] = {}
     groups = set()
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if proc.pid != os.getpid() and any(marker in arg for arg in proc.info["cmdline"] or ()):
+            if proc.pid != os.getpid() and any(m in arg for arg in proc.info["cmdline"] or () for m in markers):
                 groups.add(os.getpgid(proc.pid))
                 mine[proc.pid] = proc
                 mine.update((child.pid, child) for child in proc.children(recursive=True))
@@ -151,15 +151,35 @@ def stop_ray_cluster(temp_dir: str | os.PathLike, timeout: float = 15) -> None:
     mine.pop(os.getpid(), None)
     for ancestor in psutil.Process().parents():  # whatever matched, never the caller's ancestors
         mine.pop(ancestor.pid, None)
-    mine = list(mine.values())
-    for proc in mine:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(mine, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+    return list(mine.values())
+
+
+def stop_cluster(markers: list[str] | tuple[str, ...], timeout: float = 15) -> None:
+    """SIGTERM every process of ``cluster_processes(markers)`` at once, SIGKILL those alive
+    after ``timeout``; then once more for any process one of them started meanwhile."""
+    import psutil  # here: Ray ships it (importable once ray is), the test extra installs it
+
+    for _ in range(2):
+        procs = cluster_processes(markers)
+        if not procs:
+            return
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+
+def stop_ray_cluster(temp_dir: str | os.PathLike, timeout: float = 15) -> None:
+    """Stop the local Ray started with ``--temp-dir=temp_dir``, and nothing else.
+
+    ``ray stop`` ends every Ray on the machine; a test or benchmark must not take down a
+    ``make serve`` (or another suite) running beside it."""
+    stop_cluster([str(temp_dir)], timeout)
