@@ -1,14 +1,24 @@
-"""Soak test: steady load for a long time, then errors and replica memory growth.
+"""Soak test: steady load for a long time, sampled over time: errors, p99 latency, resident
+memory and open file descriptors of every Serve replica and of HAProxy.
 
-    make soak                                   # 10 minutes against a fresh local `serve run`
-    .venv/bin/python bench/soak.py --url http://127.0.0.1:8000 --ray-temp-dir /tmp/ray --duration 600
+    make soak                          # 10 minutes on a fresh local server (the supervisor of make serve)
+    make soak SOAK_SECONDS=90
+    .venv/bin/python bench/soak.py --url http://127.0.0.1:8000 --run-file .serve-app/run.json --duration 600
 
 Load: ``concurrency`` threads, each sending single-row predictions in turn to every model of
-the shipped config (V1 and V2 alternating). Memory: the resident set size of the Serve replica
-processes of the Ray cluster whose temp dir is given (other local Ray clusters are ignored),
-sampled after the warm-up and at the end; growth is end / after-warm-up - 1, summed over the
-replicas that lived through the whole run. Goals (docs/reliability-security.md): 0 errors,
-< 10 % RSS growth. The test suite runs the same function for 30 s.
+the shipped config (V1 and V2 alternating). Every ``sample_s`` seconds: the interval's requests,
+errors and p99 latency, and each replica's and HAProxy's RSS and open fds (psutil), of the one
+cluster the run's markers name (other local Ray clusters are ignored). Results:
+bench/results/soak.json (summary and every sample) and soak.png (p99, RSS and fds over time).
+
+Goals (docs/reliability-security.md#guarantees), measured from the first sample after the
+warm-up to the last, for the processes that lived through the whole run:
+- 0 errors;
+- RSS growth < 10 % for every replica and for HAProxy;
+- fds flat: no process ends with more than FD_SLACK open fds above its count after the warm-up
+  (a leak of one fd per request or per connection would add thousands).
+With ``--start`` the server is started with ``serve-app serve`` on free ports and stopped
+exactly as ``make stop`` stops it.
 """
 
 from __future__ import annotations
@@ -16,13 +26,24 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import psutil
+import yaml
+
+from serve_app.tools.localserve import FAST_PATH_ENV, cluster_processes, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+RSS_GROWTH_GOAL = 0.10
+FD_SLACK = 16
 
 # One valid row per demo model, in feature order.
 ROWS = {
@@ -34,35 +55,48 @@ ROWS = {
 }
 
 
-def replica_processes(ray_temp_dir: str) -> list[psutil.Process]:
-    """Serve replica processes of the Ray cluster that uses ``ray_temp_dir``."""
-    replicas = []
-    for proc in psutil.process_iter(["cmdline", "name"]):
+def watched_processes(markers: list[str]) -> dict[int, tuple[str, psutil.Process]]:
+    """The Serve replicas and HAProxy processes of the cluster ``markers`` name, by pid, each
+    with a label (the replica's actor name, or "haproxy")."""
+    found = {}
+    for proc in cluster_processes(markers):
         try:
-            cmdline = proc.info["cmdline"] or []
-            if any(ray_temp_dir in arg for arg in cmdline) and "raylet" in (proc.info["name"] or ""):
-                replicas += [c for c in proc.children(recursive=True) if "ServeReplica" in " ".join(c.cmdline())]
+            if "haproxy" in proc.name():
+                found[proc.pid] = ("haproxy", proc)
+            else:
+                title = " ".join(proc.cmdline())
+                if "ServeReplica" in title:
+                    found[proc.pid] = (title.split()[0].removeprefix("ray::"), proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return replicas
+    return found
 
 
-def rss_by_pid(processes: list[psutil.Process]) -> dict[int, int]:
-    sizes = {}
-    for proc in processes:
+def measure(processes: dict[int, tuple[str, psutil.Process]]) -> dict[str, dict]:
+    """RSS (bytes) and open fds of each process, keyed "<label> <pid>"."""
+    out = {}
+    for pid, (label, proc) in processes.items():
         try:
-            sizes[proc.pid] = proc.memory_info().rss
-        except psutil.NoSuchProcess:
+            out[f"{label} {pid}"] = {"rss": proc.memory_info().rss, "fds": proc.num_fds()}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return sizes
+    return out
 
 
-def run_soak(url: str, ray_temp_dir: str, duration_s: float, concurrency: int = 8,
-             warmup_s: float = 10.0, models: tuple[str, ...] = tuple(ROWS)) -> dict:
-    counts = {"ok": 0, "errors": 0}
-    errors: list[str] = []
+def p99(latencies: list[float]) -> float | None:
+    if not latencies:
+        return None
+    ordered = sorted(latencies)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def run_soak(url: str, markers: list[str], duration_s: float, concurrency: int = 8, warmup_s: float = 10.0,
+             sample_s: float = 5.0, models: tuple[str, ...] = tuple(ROWS)) -> dict:
+    """Load ``url`` for ``duration_s``; the summary (``summarize``) and every sample."""
     lock = threading.Lock()
     stop = threading.Event()
+    interval = {"latencies": [], "errors": 0}
+    error_samples: list[str] = []
 
     def client_loop(worker: int) -> None:
         requests = itertools.cycle([(m, p) for m in models for p in ("v1", "v2")])
@@ -71,6 +105,7 @@ def run_soak(url: str, ray_temp_dir: str, duration_s: float, concurrency: int = 
                 if stop.is_set():
                     return
                 row = ROWS[model]
+                began = time.perf_counter()
                 try:
                     if protocol == "v1":
                         response = client.post(f"/v1/models/{model}:predict", json={"instances": [row]})
@@ -80,74 +115,162 @@ def run_soak(url: str, ray_temp_dir: str, duration_s: float, concurrency: int = 
                     ok, why = response.status_code == 200, f"{response.status_code} {response.text[:200]}"
                 except httpx.HTTPError as exc:
                     ok, why = False, repr(exc)
+                took = time.perf_counter() - began
                 with lock:
-                    counts["ok" if ok else "errors"] += 1
-                    if not ok and len(errors) < 20:
-                        errors.append(f"{model} {protocol}: {why}")
+                    interval["latencies"].append(took)
+                    if not ok:
+                        interval["errors"] += 1
+                        if len(error_samples) < 20:
+                            error_samples.append(f"{model} {protocol}: {why}")
 
     threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(concurrency)]
     started = time.monotonic()
     for t in threads:
         t.start()
-    time.sleep(warmup_s)
-    replicas = replica_processes(ray_temp_dir)
-    rss_start = rss_by_pid(replicas)
-    at_warmup = dict(counts)
-    time.sleep(max(duration_s - warmup_s, 0))
-    rss_end = rss_by_pid(replicas)
+    samples = []
+    next_at = started + sample_s
+    while True:
+        time.sleep(max(next_at - time.monotonic(), 0))
+        with lock:
+            latencies, errors = interval["latencies"], interval["errors"]
+            interval.update(latencies=[], errors=0)
+        at = time.monotonic() - started
+        q = p99(latencies)
+        samples.append({"t": round(at, 1), "requests": len(latencies), "errors": errors,
+                        "p99_ms": round(q * 1000, 2) if q is not None else None,
+                        "processes": measure(watched_processes(markers))})
+        if at >= duration_s:
+            break
+        next_at += sample_s
     stop.set()
     for t in threads:
         t.join(timeout=60)
-    elapsed = time.monotonic() - started
-    survivors = sorted(set(rss_start) & set(rss_end))
-    before, after = sum(rss_start[p] for p in survivors), sum(rss_end[p] for p in survivors)
+    return {**summarize(samples, warmup_s, concurrency, models), "error_samples": error_samples, "samples": samples}
+
+
+def summarize(samples: list[dict], warmup_s: float, concurrency: int, models) -> dict:
+    """Totals and, per process alive from the first sample after the warm-up to the last, its
+    RSS growth and fd change; the goals' verdicts."""
+    steady = [s for s in samples if s["t"] >= warmup_s] or samples[-1:]
+    first, last = steady[0]["processes"], samples[-1]["processes"]
+    processes = {}
+    for key in sorted(set(first) & set(last)):
+        rss0, rss1, fd0, fd1 = first[key]["rss"], last[key]["rss"], first[key]["fds"], last[key]["fds"]
+        processes[key] = {"rss_after_warmup_mb": round(rss0 / 2**20, 1), "rss_end_mb": round(rss1 / 2**20, 1),
+                          "rss_growth": round(rss1 / rss0 - 1, 4), "fds_after_warmup": fd0, "fds_end": fd1,
+                          "fds_max": max(s["processes"].get(key, {}).get("fds", 0) for s in steady)}
+    requests = sum(s["requests"] for s in samples)
+    errors = sum(s["errors"] for s in samples)
+    steady_time = steady[-1]["t"] - steady[0]["t"] if len(steady) > 1 else 0
+    replicas = [k for k in processes if not k.startswith("haproxy")]
+    haproxy = [k for k in processes if k.startswith("haproxy")]
+    growth = max((p["rss_growth"] for p in processes.values()), default=None)
+    fd_rise = max((p["fds_end"] - p["fds_after_warmup"] for p in processes.values()), default=None)
+    p99s = [s["p99_ms"] for s in steady if s["p99_ms"] is not None]
+    goals = {"no_errors": errors == 0,
+             "rss_growth_below_10pct": bool(replicas) and bool(haproxy) and growth < RSS_GROWTH_GOAL,
+             f"fds_flat_within_{FD_SLACK}": bool(processes) and fd_rise <= FD_SLACK}
     return {
-        "duration_s": round(elapsed, 1), "concurrency": concurrency, "models": list(models),
-        "requests": counts["ok"] + counts["errors"], "errors": counts["errors"], "error_samples": errors,
-        "requests_per_s": round((counts["ok"] + counts["errors"] - sum(at_warmup.values()))
-                                / max(elapsed - warmup_s, 1e-9), 1),
-        "replicas_measured": len(survivors),
-        "rss_after_warmup_mb": round(before / 2**20, 1), "rss_end_mb": round(after / 2**20, 1),
-        "rss_growth": round(after / before - 1, 4) if before else None,
+        "duration_s": samples[-1]["t"], "warmup_s": warmup_s, "concurrency": concurrency, "models": list(models),
+        "requests": requests, "errors": errors,
+        "requests_per_s": round(sum(s["requests"] for s in steady[1:]) / steady_time, 1) if steady_time else None,
+        "p99_ms_first": p99s[0] if p99s else None, "p99_ms_last": p99s[-1] if p99s else None,
+        "p99_ms_max": max(p99s) if p99s else None,
+        "replicas_measured": len(replicas), "haproxy_measured": len(haproxy),
+        "max_rss_growth": growth, "max_fd_rise": fd_rise, "processes": processes,
+        "goals": goals, "passed": all(goals.values()),
     }
 
 
-def start_server(url: str):
-    import subprocess
+def plot(result: dict, path: Path) -> None:
+    """p99, RSS and open fds over time, one line per process."""
+    import matplotlib  # the bench extra's; only the plot needs it
 
-    from serve_app.tools.localserve import wait_ready
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", "configs/serve_config.yaml"],
-                            cwd=root, start_new_session=True)
-    wait_ready(f"{url}/v1/models", proc)
-    return proc
+    samples = result["samples"]
+    fig, (ax_p99, ax_rss, ax_fds) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    ax_p99.plot([s["t"] for s in samples], [s["p99_ms"] for s in samples], marker=".")
+    ax_p99.set_ylabel("p99 latency (ms)")
+    for key in sorted({k for s in samples for k in s["processes"]}):
+        t = [s["t"] for s in samples if key in s["processes"]]
+        ax_rss.plot(t, [s["processes"][key]["rss"] / 2**20 for s in samples if key in s["processes"]], label=key)
+        ax_fds.plot(t, [s["processes"][key]["fds"] for s in samples if key in s["processes"]], label=key)
+    ax_rss.set_ylabel("RSS (MiB)")
+    ax_fds.set_ylabel("open fds")
+    ax_fds.set_xlabel("seconds")
+    ax_rss.legend(fontsize=7)
+    for ax in (ax_p99, ax_rss, ax_fds):
+        ax.axvline(result["warmup_s"], color="grey", linestyle=":")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"soak: {result['requests']:,} requests, {result['errors']} errors, "
+                 f"concurrency {result['concurrency']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def start_server(work: Path) -> tuple[subprocess.Popen, Path]:
+    """``serve-app serve`` of the shipped config on free ports; its process and run file."""
+    from serve_app.tools.supervisor import Run  # here: Ray, only when this starts a server
+
+    config = yaml.safe_load((ROOT / "configs" / "serve_config.yaml").read_text())
+    config["http_options"].update(host="127.0.0.1", port=free_port())
+    config["grpc_options"]["port"] = free_port()
+    (work / "serve_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, **FAST_PATH_ENV, **{key: str(free_port()) for key in (
+        "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}}
+    run_file = work / "run.json"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "serve-app"), "serve", "--config", str(work / "serve_config.yaml"),
+         "--run-file", str(run_file), "--dashboard-port", str(free_port())],
+        cwd=ROOT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not ((run := Run.read(run_file)) and run.pids):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start (exit status {proc.poll()})")
+        time.sleep(1)
+    return proc, run_file
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--ray-temp-dir", default="/tmp/ray")
+    parser.add_argument("--run-file", type=Path, default=Path(".serve-app/run.json"),
+                        help="the run file of the server under test (make serve's by default)")
     parser.add_argument("--duration", type=float, default=600)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--warmup", type=float, default=30)
+    parser.add_argument("--sample", type=float, default=5, help="seconds between samples")
     parser.add_argument("--start", action="store_true",
-                        help="start `serve run` of the shipped config first (as `make serve` does), stop it after")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "soak.json")
+                        help="start the shipped config with `serve-app serve` on free ports first, stop it after")
+    parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
     args = parser.parse_args()
-    server = start_server(args.url) if args.start else None
+    from serve_app.tools.supervisor import Run, stop_run  # here: Ray, only to read or stop a run
+
+    server = None
+    if args.start:
+        server, args.run_file = start_server(Path(tempfile.mkdtemp(prefix="soak-")))
+    run = Run.read(args.run_file)
+    if run is None:
+        print(f"no server: {args.run_file} does not exist (make serve, or --start)", file=sys.stderr)
+        return 2
     try:
-        result = run_soak(args.url, args.ray_temp_dir, args.duration, args.concurrency)
+        result = run_soak(run.url if args.start else args.url, run.markers, args.duration, args.concurrency,
+                          args.warmup, args.sample)
     finally:
         if server is not None:
-            from serve_app.tools.localserve import stop_process_group
-
-            stop_process_group(server)
+            stop_run(run)
+            server.wait(timeout=30)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    passed = result["errors"] == 0 and result["rss_growth"] is not None and result["rss_growth"] < 0.10
-    print("PASS" if passed else "FAIL", "(goals: 0 errors, < 10% replica RSS growth)")
-    return 0 if passed else 1
+    plot(result, args.out.with_suffix(".png"))
+    summary = {k: v for k, v in result.items() if k != "samples"}
+    print(json.dumps(summary, indent=2))
+    print(f"{'PASS' if result['passed'] else 'FAIL'}: {result['goals']}; {args.out} and {args.out.with_suffix('.png')}")
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

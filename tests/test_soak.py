@@ -1,20 +1,28 @@
 """The soak harness (bench/soak.py, `make soak` runs it for 10 minutes) for 30 s against the
-live cluster: no request may fail and the replicas' resident memory may not grow by 10 %."""
+live cluster: no request may fail, no replica's or HAProxy's resident memory may grow by 10 %,
+and their open file descriptors stay flat."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.soak import run_soak
+from bench.soak import FD_SLACK, plot, run_soak
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 
-def test_thirty_second_soak_has_no_errors_and_flat_memory(serve_cluster):
-    result = run_soak(serve_cluster.url, str(serve_cluster.ray_temp_dir), duration_s=30, concurrency=4,
-                      warmup_s=8)
-    print(f"\nsoak: {result}")
+def test_thirty_second_soak_has_no_errors_flat_memory_and_flat_fds(serve_cluster, tmp_path):
+    result = run_soak(serve_cluster.url, [str(serve_cluster.ray_temp_dir)], duration_s=30, concurrency=4,
+                      warmup_s=8, sample_s=3)
+    summary = {k: v for k, v in result.items() if k != "samples"}
+    print(f"\nsoak: {summary}")
     assert result["requests"] > 500, "the load generator did not run"
     assert result["errors"] == 0, result["error_samples"]
-    assert result["replicas_measured"] >= 2
-    assert result["rss_growth"] < 0.10, result
+    assert result["replicas_measured"] >= 2 and result["haproxy_measured"] >= 1, summary
+    assert all(s["p99_ms"] is not None for s in result["samples"]), "an interval without answers"
+    for name, process in result["processes"].items():
+        assert process["rss_growth"] < 0.10, (name, process)
+        assert process["fds_end"] <= process["fds_after_warmup"] + FD_SLACK, (name, process)
+    assert result["passed"], result["goals"]
+    plot(result, tmp_path / "soak.png")
+    assert (tmp_path / "soak.png").stat().st_size > 10_000
