@@ -29,9 +29,9 @@ def rendered_job() -> tuple:
 
 
 def the_job() -> dict:
-    (job,) = rendered_job()  # the settings ConfigMap and the version stand-in are local-config
-    assert job["kind"] == "RayJob"
-    return job
+    # The settings ConfigMap and the version stand-in are local-config: never rendered.
+    assert sorted(o["kind"] for o in rendered_job()) == ["NetworkPolicy", "RayJob"]
+    return next(o for o in rendered_job() if o["kind"] == "RayJob")
 
 
 def templates(job: dict) -> dict[str, dict]:
@@ -47,10 +47,24 @@ def env_of(container: dict) -> dict[str, str]:
 
 def test_the_rayjob_renders_and_passes_the_crd_schema_and_its_cel_rules():
     job = the_job()
-    assert validation_errors(job) == []
+    assert [e for obj in rendered_job() for e in validation_errors(obj)] == []
     assert rule_failures(job) == []
     assert rule_failures(job, old=job) == []  # an update to itself (the transition rules)
     assert job["metadata"]["namespace"] == "serve-app"
+
+
+def test_the_submitter_reaches_the_jobs_dashboard_through_the_network_policies():
+    """The base's policy admits only Ray Pods to Ray Pods; the job's own admits its submitter."""
+    from test_manifests import Pod, admitted, kuberay_pod_labels, policies_of
+
+    job = the_job()
+    template = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    head = Pod("serve-app", kuberay_pod_labels(template, "serve-app-batch-score-x1", "head", "headgroup"),
+               {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c["ports"]})
+    submitter = Pod("serve-app", job["spec"]["submitterPodTemplate"]["metadata"]["labels"], {})
+    base = policies_of("dev")
+    assert not admitted(base, submitter, head, 8265)
+    assert admitted([*base, *(o for o in rendered_job() if o["kind"] == "NetworkPolicy")], submitter, head, 8265)
 
 
 def test_the_entrypoint_is_a_score_command_reading_its_settings_from_the_heads_environment(monkeypatch):

@@ -48,10 +48,19 @@ def ray_local(moto_endpoint):
     import ray
 
     temp = tempfile.mkdtemp(prefix="ray-score-", dir="/tmp")
-    ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}})
+    env = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
     try:
+        for attempt in range(3):  # Ray gives its raylet a fixed 30 s to register: a busy machine can miss that
+            try:
+                ray.init(num_cpus=2, _temp_dir=temp, _node_ip_address="127.0.0.1", include_dashboard=False,
+                         log_to_driver=False, runtime_env={"env_vars": env})
+                break
+            except Exception:
+                ray.shutdown()
+                stop_ray_cluster(temp)
+                if attempt == 2:
+                    raise
         yield
     finally:
         ray.shutdown()
