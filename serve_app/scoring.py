@@ -408,6 +408,8 @@ def scored_dataset(model: str, input, *, version: str | None = None, store: str 
     if batch_rows < 1:
         raise ScoreError(f"batch_rows must be at least 1, got {batch_rows}")
     store = store or store_from_environment() or DEFAULT_STORE
+    if "://" not in store:  # the actors' working directory is not this process's
+        store = os.path.abspath(os.path.expanduser(store))
     model_store = ModelStore(store)
     version = model_store.resolve_version(model, version)
     meta = model_store.read_metadata(model, version)
