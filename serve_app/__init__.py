@@ -10,7 +10,7 @@ _LAZY = {"publish": "publishing", "PublishError": "publishing", "score": "scorin
 def __getattr__(name: str):
     """``from serve_app import publish, score`` without every replica importing their libraries at start."""
     if name in _LAZY:
-        import importlib
+        import importlib  # here: the package's import stays as light as it was
 
         return getattr(importlib.import_module(f"serve_app.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'serve_app' has no attribute {name!r}")

@@ -26,6 +26,11 @@ from pathlib import PurePosixPath
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from serve_app.codecs import tables
 from serve_app.errors import BadInput
@@ -93,7 +98,6 @@ class ScoreSummary:
 def filesystem(uri: str):
     """A pyarrow file system and the path in it: ``s3://`` (``AWS_ENDPOINT_URL`` honoured, as
     the store's boto3 client does) or local."""
-    import pyarrow.fs as pafs
 
     if uri.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
@@ -109,7 +113,6 @@ def filesystem(uri: str):
 
 def input_files(uri: str) -> tuple[Any, list[str], str]:
     """(file system, the input's files in name order, "parquet" or "csv")."""
-    import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
@@ -132,8 +135,6 @@ def input_files(uri: str) -> tuple[Any, list[str], str]:
 
 def input_columns(fs, path: str, fmt: str) -> list[str]:
     """The column names of one input file (a Parquet footer, or a CSV header)."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     try:
         if fmt == "parquet":
@@ -147,7 +148,6 @@ def input_columns(fs, path: str, fmt: str) -> list[str]:
 def _read_files(batch, fs, files: list[str], fmt: str, batch_rows: int, text: list[str]):
     """A read task: each file of its batch as batches of at most ``batch_rows`` rows, with
     the position columns (a generator: Ray Data streams each batch on as a block)."""
-    import pyarrow as pa
 
     for index in batch["index"].to_pylist():
         offset = 0
@@ -160,9 +160,6 @@ def _read_files(batch, fs, files: list[str], fmt: str, batch_rows: int, text: li
 
 
 def _file_batches(fs, path: str, fmt: str, batch_rows: int, text: list[str]):
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     if fmt == "parquet":
         yield from pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=batch_rows)
@@ -177,7 +174,6 @@ def _file_batches(fs, path: str, fmt: str, batch_rows: int, text: list[str]):
 def column_values(array) -> np.ndarray:
     """One Arrow column as the values a codec takes: numbers as numpy, strings as objects
     (null: None), dictionary (category) columns decoded."""
-    import pyarrow as pa
 
     if pa.types.is_dictionary(array.type):
         array = array.cast(array.type.value_type)
@@ -189,7 +185,7 @@ def csv_cells(feature: Feature, values: np.ndarray) -> np.ndarray:
     booleans); a cell that is neither stays text, for the codec to refuse."""
     if feature.is_textual:
         return values
-    import pandas as pd
+    import pandas as pd  # only CSV inputs with non-text features parse cells
 
     series = pd.Series(values, dtype=object)
     if feature.dtype == "bool":
@@ -286,7 +282,7 @@ class _Scorer:
 
     def __init__(self, store: str, name: str, version: str, outputs: tuple[str, ...], keys: list[str],
                  files: list[str], fmt: str, on_error: str, errors: tuple | None):
-        from serve_app.runtimes import load_runtime
+        from serve_app.runtimes import load_runtime  # in the actor: the frameworks load where models run
 
         self.runtime = load_runtime(ModelStore(store), name, version)
         self.meta = self.runtime.meta
@@ -325,9 +321,7 @@ class _Scorer:
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def _set_aside(self, batch, problems: list) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
+        
         files, rows = batch.column(FILE_COLUMN).to_numpy(), batch.column(ROW_COLUMN).to_numpy()
         table = pa.table({"file": [self.files[files[i]] for i, *_ in problems],
                           "row": pa.array([int(rows[i]) for i, *_ in problems], pa.int64()),
@@ -344,8 +338,7 @@ class _Scorer:
                               f"{self.files[files[first[0]]]} row {int(rows[first[0]])}: {first[3]}")
 
     def _table(self, batch, results: dict[str, np.ndarray], passed: np.ndarray):
-        import pyarrow as pa
-
+    
         table = batch.select(self.keys)
         if FILE_COLUMN in self.keys:  # the file's name, stored once per block (dictionary-encoded)
             at = table.column_names.index(FILE_COLUMN)
@@ -369,7 +362,7 @@ class _Scorer:
 def connect(address: str | None) -> float:
     """Seconds spent attaching to ``address`` (``auto``, ``ray://...``), or starting a local Ray
     with this machine's cores; 0 when this process already has Ray."""
-    import ray
+    import ray  # on demand: `serve-app` reads this module's constants for every command
 
     if ray.is_initialized():
         return 0.0
@@ -383,7 +376,7 @@ def connect(address: str | None) -> float:
 
 def _table_input(frame):
     """A pandas DataFrame in the notebook as a Dataset with the position columns."""
-    import ray
+    import ray  # on demand: `serve-app` reads this module's constants for every command
 
     frame = frame.reset_index(drop=True).assign(**{FILE_COLUMN: np.int32(0), ROW_COLUMN: np.arange(len(frame))})
     return ray.data.from_pandas(frame), ["<DataFrame>"], "table", list(frame.columns[:-2])
@@ -401,7 +394,7 @@ def scored_dataset(model: str, input, *, version: str | None = None, store: str 
                    concurrency: int | None = None):
     """The lazy Ray Dataset of ``model``'s outputs over ``input`` (a path or a DataFrame), and
     the checked settings. Ray must be running (:func:`connect`)."""
-    import ray
+    import ray  # on demand: `serve-app` reads this module's constants for every command
 
     if on_error not in ON_ERROR:
         raise ScoreError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -486,7 +479,7 @@ def score(model: str, input, output: str | None = None, *, version: str | None =
 
 
 def _write(dataset, fs, path: str, output: str) -> None:
-    from ray.data._internal.savemode import SaveMode
+    from ray.data import SaveMode  # on demand, as ray above
 
     if output.lower().endswith(".csv"):
         dataset.write_csv(path, filesystem=fs, mode=SaveMode.OVERWRITE)
@@ -495,7 +488,6 @@ def _write(dataset, fs, path: str, output: str) -> None:
 
 
 def _count(fs, path: str, output: str) -> int:
-    import pyarrow.dataset as pads
 
     fmt = "csv" if output.lower().endswith(".csv") else "parquet"
     return pads.dataset(path, filesystem=fs, format=fmt).count_rows()
@@ -503,10 +495,6 @@ def _count(fs, path: str, output: str) -> int:
 
 def _gather_errors(parts: str, errors: str) -> int:
     """The actors' error parts as one file (sorted by file and row); the number of refused rows."""
-    import pyarrow.csv as pacsv
-    import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
 
     fs, folder = filesystem(parts)
     target_fs, target = filesystem(errors)

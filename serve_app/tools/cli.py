@@ -214,7 +214,7 @@ def _run_stop(args: argparse.Namespace) -> int:
 
 
 def _add_score(subparsers) -> None:
-    from serve_app.scoring import DEFAULT_BATCH_ROWS, ON_ERROR, SCORE_ENV
+    from serve_app.scoring import DEFAULT_BATCH_ROWS, ON_ERROR, SCORE_ENV  # here: importing cli.py stays free of pyarrow
 
     parser = subparsers.add_parser(
         "score", help="score a whole table (Parquet or CSV; a file, a folder or s3://) with a stored model on Ray Data",
