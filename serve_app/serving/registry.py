@@ -162,7 +162,6 @@ class ModelRegistry:
             close_later(old.by_version.values(), spec.timeout_s)
         else:
             self._tail.pop(name, None)  # the next request reads the store again, with a new model id
-            self._absent.pop(name, None)  # ...even one that found no loadable version a moment ago
 
     # -- the repository index ------------------------------------------------------------------
     async def index(self) -> list[dict]:
