@@ -50,6 +50,29 @@ class AccessLogSpec(BaseModel):
                 or (sampled_trace and self.sampled_traces))
 
 
+class AdmissionSpec(BaseModel):
+    """How much work one ingress replica takes on at once, how long the rest may wait for it,
+    and when a refusal is sent.
+
+    At most ``max_requests`` model and metadata requests (any transport) are under way in a
+    replica; the next ones wait for a slot, the newest first, for at most ``max_wait_s``; one
+    that got none is refused ``refuse_after_s`` after its arrival with 503
+    ``{"reason": "overloaded"}`` and ``Retry-After`` (gRPC: UNAVAILABLE), counted as
+    ``outcome="shed"`` (serve_app.lifecycle says why in this order and at that time). However
+    many clients come, an accepted request answers within ``max_wait_s`` plus its own time,
+    where an unbounded queue makes everyone wait longer with every client added (sizing:
+    docs/configuration.md#overload). Health probes never wait.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_requests: int = Field(32, ge=1, description="requests one ingress replica works on at once")
+    max_wait_s: float = Field(0.5, ge=0, description="how long a request beyond them may wait for a slot")
+    refuse_after_s: float = Field(3.0, ge=0, description="when a request that got no slot is refused with 503, "
+                                  "counted from its arrival")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After of a refused request (gRPC: grpc-retry-pushback-ms)")
+
+
 class ModelSpec(BaseModel):
     """One served model and how its requests are batched."""
 
@@ -187,6 +210,7 @@ class AppConfig(BaseModel):
         "models[].max_model_bytes and multiplexed.max_model_bytes override it")
     models: list[ModelSpec] = Field(min_length=1)
     access_log: AccessLogSpec = Field(default_factory=AccessLogSpec)
+    admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
     multiplexed: MultiplexSpec | None = Field(
         None, description="serve the long tail of the store through Serve model multiplexing")
     invocations_model: str | None = Field(

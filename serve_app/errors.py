@@ -9,8 +9,8 @@ must come from the small fixed vocabulary in :data:`REASONS` (bounded metric car
 REASONS = (
     "invalid_request",        # the body's structure is wrong (not an object, missing key, ...)
     "malformed_json",
-    "malformed_binary",
-    "malformed_csv",          # a text/csv body (MLflow's scoring protocol) that cannot be parsed       # a binary body (.npy, V2 binary tensor extension) that cannot be read
+    "malformed_binary",       # a binary body (.npy, V2 binary tensor extension) that cannot be read
+    "malformed_csv",          # a text/csv body (MLflow's scoring protocol) that cannot be parsed
     "wrong_shape",            # feature count, ragged rows, shape/data mismatch, no rows
     "wrong_type",             # strings where numbers are needed, datatype mismatch, overflow
     "non_finite",             # Infinity
@@ -26,6 +26,7 @@ REASONS = (
     "timeout",                # the model did not answer within the model's timeout_s (5xx)
     "reload_failed",          # an admin reload could not load the stored model (the old one serves on)
     "model_too_large",        # the model's artifact is over max_model_bytes: it is not loaded
+    "overloaded",             # shed: the replica already works on its admission bound (5xx, Retry-After)
 )
 
 
@@ -37,6 +38,7 @@ MAX_MESSAGE_CHARS = 2000
 class InferenceError(Exception):
     status_code = 400
     reason = "invalid_request"
+    retry_after_s: int | None = None  # when the client may try again (HTTP Retry-After, gRPC pushback)
 
     def __init__(self, message: str, reason: str | None = None):
         if len(message) > MAX_MESSAGE_CHARS:
@@ -95,3 +97,15 @@ class InferenceTimeout(InferenceError):
     """Not the client's fault: 504, so clients and load balancers may retry elsewhere."""
 
     status_code, reason = 504, "timeout"
+
+
+class Overloaded(InferenceError):
+    """Shed before any work: the replica already works on as many requests as it admits
+    (``AppConfig.admission``). 503 with ``Retry-After``: the client, or a load balancer, should
+    try again later or elsewhere; a quick refusal instead of a queue that outgrows the timeout."""
+
+    status_code, reason = 503, "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -71,11 +71,14 @@ class GrpcCall:
             self._context.set_trailing_metadata([("model-version", version)])
         return reply
 
-    def failure(self, status: int, message: str, reason: str | None) -> Any:
+    def failure(self, status: int, message: str, reason: str | None, retry_after_s: int | None = None) -> Any:
         self._context.set_code(status_code(status))
         self._context.set_details(message)
-        if reason is not None:
-            self._context.set_trailing_metadata([("reason", reason)])
+        trailers = [] if reason is None else [("reason", reason)]
+        if retry_after_s is not None:  # gRPC's Retry-After: the server pushback of gRPC's retry design (A6)
+            trailers.append(("grpc-retry-pushback-ms", str(retry_after_s * 1000)))
+        if trailers:
+            self._context.set_trailing_metadata(trailers)
         return self._response_type()
 
 

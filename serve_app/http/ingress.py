@@ -94,7 +94,7 @@ class ModelServer(InferenceServicer):
         token = auth.configured_token()
         if token is None:
             logger.warning("no SERVE_APP_API_TOKEN: the model and admin endpoints (reload) are open")
-        self.lifecycle = RequestLifecycle(self.registry, self.config.access_log, token)
+        self.lifecycle = RequestLifecycle(self.registry, self.config.access_log, token, self.config.admission)
         self._limit = self.config.max_request_bytes
 
     def __serve_build_asgi_app__(self):

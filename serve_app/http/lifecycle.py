@@ -38,5 +38,5 @@ class HttpCall:
             response.headers["X-Model-Version"] = version  # which version answered (canary, shadow)
         return response
 
-    def failure(self, status: int, message: str, reason: str | None) -> Response:
-        return error_response(status, message, reason)
+    def failure(self, status: int, message: str, reason: str | None, retry_after_s: int | None = None) -> Response:
+        return error_response(status, message, reason, retry_after_s)

@@ -16,12 +16,16 @@ def json_response(content: Any, status_code: int = 200) -> Response:
                     status_code=status_code, media_type="application/json")
 
 
-def error_response(status_code: int, message: str, reason: str | None = None) -> Response:
-    """``{"error": ..., "reason": ...}``: every refused or failed request looks like this."""
+def error_response(status_code: int, message: str, reason: str | None = None,
+                   retry_after_s: int | None = None) -> Response:
+    """``{"error": ..., "reason": ...}``: every refused or failed request looks like this;
+    ``retry_after_s``: when the client may try again (``Retry-After``)."""
     body = {"error": message} if reason is None else {"error": message, "reason": reason}
     response = json_response(body, status_code)
     if status_code == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="serve-app"'
+    if retry_after_s is not None:
+        response.headers["Retry-After"] = str(retry_after_s)
     return response
 
 

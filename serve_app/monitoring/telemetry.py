@@ -27,6 +27,7 @@ import numpy as np
 import ray
 from ray.serve import context, metrics
 
+from serve_app.errors import Overloaded
 from serve_app.metadata import ModelMetadata, labels_from_probabilities
 
 logger = logging.getLogger("ray.serve")
@@ -59,9 +60,10 @@ class Metric:
 
 METRICS = {m.name: m for m in (
     Metric("serve_app_requests", "counter", ("model", "version", "protocol", "code", "outcome"),
-           "Inference and model-metadata requests by outcome (ok, client_error, server_error)."),
+           "Inference and model-metadata requests by outcome (ok, client_error, server_error, shed)."),
     Metric("serve_app_request_latency_ms", "histogram", ("model", "protocol"),
-           "Time from request arrival in the replica to the response, ms (decode, queue, model, encode).",
+           "Time from request arrival in the replica to the response, ms (decode, queue, model, encode); "
+           "shed requests are not observed.",
            tuple(LATENCY_BUCKETS_MS)),
     Metric("serve_app_input_errors", "counter", ("model", "protocol", "reason"),
            "Rejected requests (4xx) by reason; see serve_app.errors.REASONS."),
@@ -223,7 +225,9 @@ _loaded: Counter = Counter()
 _loaded_lock = threading.Lock()
 
 
-def _outcome(code: int) -> str:
+def _outcome(code: int, reason: str | None) -> str:
+    if reason == Overloaded.reason:  # refused on purpose before any work (503): not an outage
+        return "shed"
     return "ok" if code < 400 else "client_error" if code < 500 else "server_error"
 
 
@@ -294,10 +298,14 @@ def shadow_done(model: str, version: str, outcome: str, seconds: float | None) -
 
 def request_done(model: str, version: str, protocol: str, code: int, seconds: float,
                  reason: str | None = None) -> None:
-    """One finished request. ``model`` must be a served model's name or UNKNOWN_MODEL."""
+    """One finished request. ``model`` must be a served model's name or UNKNOWN_MODEL; ``reason``:
+    an error's (client errors are counted by it too)."""
+    outcome = _outcome(code, reason)
+
     def update(m):
-        _counters.add("serve_app_requests", (model, version, protocol, str(code), _outcome(code)))
-        m["serve_app_request_latency_ms"].observe(seconds * 1000.0, tags={"model": model, "protocol": protocol})
-        if reason is not None:
+        _counters.add("serve_app_requests", (model, version, protocol, str(code), outcome))
+        if outcome != "shed":  # the latency of requests worked on, not of instant refusals
+            m["serve_app_request_latency_ms"].observe(seconds * 1000.0, tags={"model": model, "protocol": protocol})
+        if reason is not None and code < 500:
             _counters.add("serve_app_input_errors", (model, protocol, reason))
     _emit(update)
