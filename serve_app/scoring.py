@@ -304,7 +304,7 @@ class _Scorer:
             results = {}
         if problems:
             self._set_aside(batch, problems)
-        return self._table(batch.filter(passed) if not passed.all() else batch, results, passed)
+        return self._table(batch.filter(passed) if not passed.all() else batch, results)
 
     def _row_by_row(self, columns: dict, passed: np.ndarray, problems: list) -> dict[str, np.ndarray]:
         parts = []
@@ -321,7 +321,6 @@ class _Scorer:
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def _set_aside(self, batch, problems: list) -> None:
-        
         files, rows = batch.column(FILE_COLUMN).to_numpy(), batch.column(ROW_COLUMN).to_numpy()
         table = pa.table({"file": [self.files[files[i]] for i, *_ in problems],
                           "row": pa.array([int(rows[i]) for i, *_ in problems], pa.int64()),
@@ -337,8 +336,7 @@ class _Scorer:
             raise RowsRefused(f"{len({i for i, *_ in problems})} rows of this batch failed validation; first: "
                               f"{self.files[files[first[0]]]} row {int(rows[first[0]])}: {first[3]}")
 
-    def _table(self, batch, results: dict[str, np.ndarray], passed: np.ndarray):
-    
+    def _table(self, batch, results: dict[str, np.ndarray]):
         table = batch.select(self.keys)
         if FILE_COLUMN in self.keys:  # the file's name, stored once per block (dictionary-encoded)
             at = table.column_names.index(FILE_COLUMN)
