@@ -7,6 +7,8 @@ Cells, each the median of ``--rounds`` rounds (with min and max):
 
 - ``in-process``: the runtime's ``predict`` on the generated table in ``--batch-rows`` chunks, one
   process, one core, no validation: the limit of one core;
+- ``scorer, no Ray``: one scoring actor's work (validation, ``predict_proba``, the output table)
+  called in this process: what one core can give batch scoring before Ray's own costs;
 - ``score, 1 node``: :func:`serve_app.scoring.score` (what ``serve-app score`` runs) on a local Ray
   head with every core of this machine, as the command's default local Ray has;
 - ``score, 1 worker`` / ``score, 2 workers``: the same on a multi-node local Ray shaped like the
@@ -72,6 +74,30 @@ def in_process(store: ModelStore, model: str, source: Path, batch_rows: int) -> 
     for X in chunks:
         runtime.predict(X)
     return len(frame) / (time.perf_counter() - started)
+
+
+def scorer_in_process(store: ModelStore, model: str, source: Path, batch_rows: int) -> float:
+    """Rows/s of one scoring actor's work (the codec's checks, predict_proba and labels, the
+    output table) called in this process, without Ray: what a core can give ``serve-app score``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from serve_app import scoring
+
+    meta = store.read_metadata(model)
+    scorer = scoring._Scorer(store.uri, model, meta.version, ("predict", "predict_proba"), ["customer_id"],
+                             [str(source)], "parquet", "fail", None)
+    batches, offset = [], 0
+    for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
+        rows = batch.num_rows
+        batches.append(pa.Table.from_batches([batch])
+                       .append_column(scoring.FILE_COLUMN, pa.array(np.zeros(rows, np.int32)))
+                       .append_column(scoring.ROW_COLUMN, pa.array(np.arange(offset, offset + rows))))
+        offset += rows
+    started = time.perf_counter()
+    for batch in batches:
+        scorer(batch)
+    return offset / (time.perf_counter() - started)
 
 
 @contextmanager
@@ -163,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         shapes = {"score, 1 node": (cores, 0), "score, 1 worker": (0, 1), "score, 2 workers": (0, 2)}
         for round_number in range(args.rounds):
             samples.setdefault("in-process", []).append({"rows_per_s": in_process(store, args.model, source, batch_rows)})
+            samples.setdefault("scorer, no Ray", []).append(
+                {"rows_per_s": scorer_in_process(store, args.model, source, batch_rows)})
             for name, (head_cpus, workers) in shapes.items():
                 with local_ray(work, head_cpus, workers, args.worker_cpus) as (address, started_s):
                     cell = score_cell(store, args.model, source, work / "out", address, batch_rows)
@@ -181,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                        if "connect_s" in values[0] else {})}
              for name, values in samples.items()}
     limit = cells["in-process"]["rows_per_s"]["median"]
-    cpus = {"score, 1 node": os.cpu_count() or 1, "score, 1 worker": args.worker_cpus,
+    cpus = {"scorer, no Ray": 1, "score, 1 node": os.cpu_count() or 1, "score, 1 worker": args.worker_cpus,
             "score, 2 workers": 2 * args.worker_cpus}
     for name, cell in cells.items():
         cell["vs_in_process"] = cell["rows_per_s"]["median"] / limit

@@ -24,6 +24,7 @@ from serve_app.tools.localserve import stop_ray_cluster
 from serve_app.tools.train import churn_table, dataset_split, train_model
 
 ROWS = 3000
+RAY_START_ATTEMPTS = 5
 # Bad rows of the churn table as CSV cells: row -> (column, cell, reason).
 BAD_CELLS = {
     7: ("tenure_months", "3.5", "wrong_type"),          # not an integer
@@ -51,7 +52,7 @@ def ray_local(moto_endpoint):
     env = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
     try:
-        for attempt in range(3):  # Ray gives its raylet a fixed 30 s to register: a busy machine can miss that
+        for attempt in range(RAY_START_ATTEMPTS):  # Ray gives its raylet a fixed 30 s to register: a busy machine can miss that
             try:
                 ray.init(num_cpus=2, _temp_dir=temp, _node_ip_address="127.0.0.1", include_dashboard=False,
                          log_to_driver=False, runtime_env={"env_vars": env})
@@ -59,7 +60,7 @@ def ray_local(moto_endpoint):
             except Exception:
                 ray.shutdown()
                 stop_ray_cluster(temp)
-                if attempt == 2:
+                if attempt == RAY_START_ATTEMPTS - 1:
                     raise
         yield
     finally:
@@ -144,10 +145,11 @@ def test_csv_cells_read_as_pandas_would_and_a_bad_cell_stays_text():
 @pytest.mark.parametrize("name", ["churn", "churn-xgb"])
 def test_a_mixed_type_model_scores_parquet_and_csv_like_in_process(ray_local, store, tmp_path, name):
     frame = customers()
-    frame.iloc[:1500].to_parquet(tmp_path / "part-a.parquet")  # a folder of two files
-    frame.iloc[1500:].to_parquet(tmp_path / "part-b.parquet")
+    (tmp_path / "parts").mkdir()
+    frame.iloc[:1500].to_parquet(tmp_path / "parts" / "a.parquet")  # a folder of two files
+    frame.iloc[1500:].to_parquet(tmp_path / "parts" / "b.parquet")
     (tmp_path / "in.csv").write_text(as_csv(frame))
-    for source, output in ((tmp_path, tmp_path / "out"), (tmp_path / "in.csv", tmp_path / "out.csv")):
+    for source, output in ((tmp_path / "parts", tmp_path / "out"), (tmp_path / "in.csv", tmp_path / "out.csv")):
         summary = scoring.score(name, str(source), str(output), store=store.uri, batch_rows=1000,
                                 outputs=("predict", "predict_proba"))
         assert (summary.scored, summary.failed, summary.exit_status) == (ROWS, 0, 0), summary
