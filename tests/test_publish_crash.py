@@ -185,6 +185,8 @@ def test_a_killed_publish_leaves_nothing_visible_and_the_next_one_succeeds(tmp_p
 
 
 # -- live: publishing (and dying) under load ------------------------------------------------------
+# One row for the models below (one float feature), in the V2 form: its answer names the version.
+V2_ROW = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP64", "data": [0.5]}]}
 LIVE_KILLS = [None, None, "after_artifact", None, "mid_metadata", None, "after_artifact", "mid_metadata", None, None]
 NEW_KILLS = [None, "after_artifact", None, "mid_metadata", None]
 
@@ -212,16 +214,17 @@ def test_publishing_under_load_never_serves_half_a_model(serve_cluster, tmp_path
             while not stop.is_set():
                 kind = draw.choice(["latest", "latest", "version", "new"])
                 model = draw.choice(new) if kind == "new" else name
-                path = (f"/v1/models/{model}/versions/{draw.randint(1, len(LIVE_KILLS) + 1)}:predict"
-                        if kind == "version" else f"/v1/models/{model}:predict")
+                path = (f"/v2/models/{model}/versions/{draw.randint(1, len(LIVE_KILLS) + 1)}/infer"
+                        if kind == "version" else f"/v2/models/{model}/infer")
                 try:
-                    reply = http.post(path, json={"instances": [[0.5]]})
+                    reply = http.post(path, json=V2_ROW)
                 except httpx.HTTPError as exc:
                     answers.append((kind, model, 0, None, None, repr(exc)))
                     continue
                 body = reply.json()
-                answers.append((kind, model, reply.status_code, reply.headers.get("x-model-version"),
-                                body["predictions"][0] if reply.status_code == 200 else None, body.get("reason")))
+                ok = reply.status_code == 200
+                answers.append((kind, model, reply.status_code, body["model_version"] if ok else None,
+                                body["outputs"][0]["data"][0] if ok else None, body.get("reason")))
 
     threads = [threading.Thread(target=client, args=(seed,), daemon=True) for seed in range(4)]
     try:
