@@ -109,6 +109,7 @@ monitor: system-tools
 # `make test` runs 30 s of it.
 SOAK_SECONDS ?= 600
 soak: $(STAMP)
+	$(BIN)/python -m serve_app.tools.train --store $(STORE) --if-missing
 	$(BIN)/python bench/soak.py --start --duration $(SOAK_SECONDS)
 
 # Our server against the minimal Serve app, careful FastAPI and MLServer with equal workers, in

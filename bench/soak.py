@@ -27,6 +27,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -63,10 +64,9 @@ def watched_processes(markers: list[str]) -> dict[int, tuple[str, psutil.Process
         try:
             if "haproxy" in proc.name():
                 found[proc.pid] = ("haproxy", proc)
-            else:
-                title = " ".join(proc.cmdline())
-                if "ServeReplica" in title:
-                    found[proc.pid] = (title.split()[0].removeprefix("ray::"), proc)
+            # A replica's title names the method it runs now (".check_health"): not part of the label.
+            elif replica := re.search(r"ServeReplica:[^.\s]+", " ".join(proc.cmdline())):
+                found[proc.pid] = (replica.group(), proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return found

@@ -2,13 +2,13 @@
 image's CMD) and ``serve-app stop`` (``make stop``).
 
 ``serve run`` is not enough on its own: on Ctrl-C it deletes every application through Serve's
-graceful shutdown and then waits for Ray's processes (~30 s, docs/development.md#stopping),
+graceful shutdown and then waits for Ray's processes (~33 s, docs/development.md#stopping),
 and Ray 2.60's HAProxy, a child of the proxy actor, can outlive it and keep the HTTP port. The
 only broad clean-ups (``ray stop``, a pkill by name) also end other checkouts', notebooks' and
 tests' clusters. So this starts Ray with a temp dir of its own and the HAProxy files under it,
 deploys the config as ``serve run`` does, records what it started in a run file, and on SIGINT
-or SIGTERM ends exactly that: every process naming the temp dir (or this node's HAProxy config)
-on its command line, and their children. Requests in flight at that moment are dropped, unless
+or SIGTERM ends exactly that: every process naming Ray's session dir (or this node's HAProxy
+config dir) on its command line, and their children. Requests in flight at that moment are dropped, unless
 ``drain_s`` first gives Serve that long to shut the applications down gracefully (the image).
 """
 
@@ -36,6 +36,8 @@ from serve_app.tools.localserve import cluster_processes, haproxy_paths, stop_cl
 RUN_FILE = Path(".serve-app/run.json")
 # How long stopping may take before the remaining processes are killed (SIGTERM first).
 STOP_TIMEOUT_S = 4.0
+SD_FILE = "prom_metrics_service_discovery.json"
+RAY_START_ATTEMPTS = 3
 
 
 @dataclass
@@ -126,23 +128,25 @@ def serve_forever(opts: Options) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
     run = None
+    launched = time.time()
+    sd_link = opts.run_file.parent / SD_FILE
     try:
         settings = yaml.safe_load(Path(opts.config).read_text())
         ports = {"http": settings.get("http_options", {}).get("port", 8000),
                  "grpc": settings.get("grpc_options", {}).get("port", 9000),
                  "dashboard": opts.dashboard_port}
-        # "local": always a new cluster of our own, whatever RAY_ADDRESS says.
-        ray.init("local", namespace="serve", _temp_dir=temp_dir, _node_ip_address=opts.node_ip,
-                 include_dashboard=True, dashboard_host=opts.dashboard_host,
-                 dashboard_port=opts.dashboard_port, _metrics_export_port=opts.metrics_export_port)
+        _start_ray(opts, temp_dir, launched)
         signal.signal(signal.SIGTERM, _raise_stop)  # ray.init installs its own
         # Every process of the cluster names its session dir; HAProxy names its config's dir.
         session = os.path.realpath(Path(temp_dir) / "session_latest")
-        haproxy = Path(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg")).parent / ray.get_runtime_context().get_node_id()
-        markers = [session, str(haproxy)]
+        haproxy_config = os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg")
+        markers = [session, str(Path(haproxy_config).parent / ray.get_runtime_context().get_node_id())]
         run = Run(os.getpid(), psutil.Process().create_time(), temp_dir, private, markers,
                   f"http://127.0.0.1:{ports['http']}", ports)
         run.write(opts.run_file)
+        if private:  # Ray's metrics ports for Prometheus' file SD at a path that stays put (make monitor)
+            sd_link.unlink(missing_ok=True)
+            sd_link.symlink_to(Path(temp_dir) / SD_FILE)
         # `serve run` itself (Serve's own reading of the config), returning once it is submitted.
         serve_cli.main(["run", "--non-blocking", opts.config], prog_name="serve", standalone_mode=False)
         _wait_running(opts.ready_timeout_s)
@@ -162,17 +166,44 @@ def serve_forever(opts: Options) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     started = time.monotonic()
+    if not markers:  # a failed start in a shared temp dir: the session it began, if any
+        markers = _session_since(temp_dir, launched)
     if opts.drain_s > 0 and ray.is_initialized():
         _drain(opts.drain_s)
     stop_cluster(markers, timeout=STOP_TIMEOUT_S)
     if run is not None and Run.read(opts.run_file) == run:
         opts.run_file.unlink(missing_ok=True)
+        sd_link.unlink(missing_ok=True)
     if private:
         shutil.rmtree(temp_dir, ignore_errors=True)
     print(f"stopped in {time.monotonic() - started:.1f} s", flush=True)
     sys.stderr.flush()
     # Not ray.shutdown() or the interpreter's exit: both wait on the cluster just ended.
     os._exit(status)
+
+
+def _session_since(temp_dir: str, since: float) -> list[str]:
+    """The session dir Ray began in ``temp_dir`` after ``since``, as a marker (none: [])."""
+    session = Path(temp_dir) / "session_latest"
+    return [os.path.realpath(session)] if session.exists() and session.stat().st_mtime >= since else []
+
+
+def _start_ray(opts: Options, temp_dir: str, launched: float) -> None:
+    """A new local Ray of our own ("local": whatever RAY_ADDRESS says). Ray gives its raylet a
+    fixed 30 s to register, which a loaded machine can miss: the half-started node is ended and
+    started again, as bench/launch.py does with `ray start`."""
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        began = time.time()
+        try:
+            ray.init("local", namespace="serve", _temp_dir=temp_dir, _node_ip_address=opts.node_ip,
+                     include_dashboard=True, dashboard_host=opts.dashboard_host,
+                     dashboard_port=opts.dashboard_port, _metrics_export_port=opts.metrics_export_port)
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == RAY_START_ATTEMPTS:
+                raise
+            print(f"Ray did not start ({exc}); attempt {attempt + 1} of {RAY_START_ATTEMPTS}", file=sys.stderr)
+            stop_cluster(_session_since(temp_dir, max(began, launched)), timeout=STOP_TIMEOUT_S)
 
 
 def _wait_running(timeout: float) -> None:
