@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import BIN, free_port, require_tool
+from local_cluster import RedisServer, gcs_fault_tolerance_env, redis_server
 from serve_app.tools.localserve import stop_ray_cluster
 
 PASSWORD = "tls-test-password"
@@ -31,8 +31,6 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory):
-    require_tool("redis-server")
-    require_tool("redis-cli")
     require_tool("openssl")
     work = tmp_path_factory.mktemp("redis-tls")
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=serve-app test CA",
@@ -42,50 +40,30 @@ def tls_redis(tmp_path_factory):
     (work / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
              "-days", "2", "-extfile", "san.ext", "-out", "server.crt", cwd=work)
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", "server.crt", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt",
-         "--tls-auth-clients", "no", "--requirepass", PASSWORD, "--save", "", "--appendonly", "no",
-         "--dir", str(work)],
-        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    cli = ["redis-cli", "--tls", "--cacert", str(work / "ca.crt"), "-h", "localhost", "-p", str(port),
-           "--no-auth-warning", "-a", PASSWORD]
-    try:
-        for _ in range(50):
-            if subprocess.run([*cli, "PING"], capture_output=True, text=True).stdout.strip() == "PONG":
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("redis-server did not answer over TLS")
-        yield {"port": port, "ca": work / "ca.crt", "cli": cli}
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with redis_server(work, PASSWORD, tls_dir=work) as redis:
+        yield redis
 
 
-def _start_head(redis: dict, ca: Path | None) -> tuple[subprocess.CompletedProcess, Path]:
+def _start_head(redis: RedisServer, ca: Path | None) -> tuple[subprocess.CompletedProcess, Path]:
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-tls-", dir="/tmp"))
-    env = {**os.environ, "RAY_REDIS_ADDRESS": f"rediss://localhost:{redis['port']}",
-           "RAY_external_storage_namespace": NAMESPACE, "RAY_USAGE_STATS_ENABLED": "0"}
+    head_env, _ = gcs_fault_tolerance_env(redis, NAMESPACE)
+    env = {**os.environ, **head_env, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_REDIS_CA_CERT", None)
     if ca is not None:
         env["RAY_REDIS_CA_CERT"] = str(ca)
     result = subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-         "--num-cpus=0", "--include-dashboard=false", f"--temp-dir={temp_dir}", "--redis-password", PASSWORD,
+         "--num-cpus=0", "--include-dashboard=false", f"--dashboard-port={free_port()}", f"--temp-dir={temp_dir}", "--redis-password", PASSWORD,
          "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180)
     return result, temp_dir
 
 
 def test_the_gcs_keeps_its_state_in_a_tls_redis_verified_by_the_mounted_ca(tls_redis):
-    result, temp_dir = _start_head(tls_redis, tls_redis["ca"])
+    result, temp_dir = _start_head(tls_redis, tls_redis.ca)
     try:
         assert result.returncode == 0, result.stderr[-3000:]
-        keys = subprocess.run([*tls_redis["cli"], "--scan", "--pattern", f"*{NAMESPACE}*"],
-                              capture_output=True, text=True, check=True).stdout.split()
-        assert keys, "the GCS wrote nothing under its storage namespace"
+        assert tls_redis.keys(f"*{NAMESPACE}*"), "the GCS wrote nothing under its storage namespace"
     finally:
         stop_ray_cluster(temp_dir)
 
