@@ -7,6 +7,7 @@ with exactly those rows (docs/batch-scoring.md).
 from __future__ import annotations
 
 import io
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from serve_app.tools.train import churn_table, dataset_split, train_model
 
 ROWS = 3000
 RAY_START_ATTEMPTS = 5
+_RAY_FAILED: list[str] = []
 # Bad rows of the churn table as CSV cells: row -> (column, cell, reason).
 BAD_CELLS = {
     7: ("tenure_months", "3.5", "wrong_type"),          # not an integer
@@ -48,11 +50,14 @@ def ray_local(moto_endpoint):
     cluster's would reach S3 (credentials in their environment)."""
     import ray
 
+    if _RAY_FAILED:  # a module fixture that failed is set up again per test: fail at once instead
+        pytest.fail(f"Ray did not start: {_RAY_FAILED[0]}")
     temp = tempfile.mkdtemp(prefix="ray-score-", dir="/tmp")
     env = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
     try:
-        for attempt in range(RAY_START_ATTEMPTS):  # Ray gives its raylet a fixed 30 s to register: a busy machine can miss that
+        # Ray gives its raylet a fixed 30 s to register with the GCS: a busy machine can miss that.
+        for attempt in range(RAY_START_ATTEMPTS):
             try:
                 ray.init(num_cpus=2, _temp_dir=temp, _node_ip_address="127.0.0.1", include_dashboard=False,
                          log_to_driver=False, runtime_env={"env_vars": env})
@@ -61,11 +66,13 @@ def ray_local(moto_endpoint):
                 ray.shutdown()
                 stop_ray_cluster(temp)
                 if attempt == RAY_START_ATTEMPTS - 1:
+                    _RAY_FAILED.append(f"{RAY_START_ATTEMPTS} attempts of ray.init failed")
                     raise
         yield
     finally:
         ray.shutdown()
         stop_ray_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def customers(rows: int = ROWS, seed: int = 5) -> pd.DataFrame:
