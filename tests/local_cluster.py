@@ -191,13 +191,15 @@ class LocalCluster:
     def bring_up(self, node: LocalNode, ready) -> None:
         """Start ``node`` and wait until ``ready()``. On a loaded machine a raylet can give up on
         its agents' start (``ray start`` fails): its processes are killed and it starts again."""
-        for attempt in range(3):
+        attempts = 5
+        for attempt in range(attempts):
             failed = self.start_node(node) != 0
+            last = attempt == attempts - 1
             try:
-                wait_for(f"node {node.role}", ready, 60 if failed and attempt < 2 else READY_TIMEOUT_S)
+                wait_for(f"node {node.role}", ready, 20 if failed and not last else READY_TIMEOUT_S)
                 return
             except TimeoutError:
-                if not failed or attempt == 2:
+                if not failed or last:
                     raise
                 node.kill()
 
