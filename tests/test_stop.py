@@ -30,7 +30,7 @@ from serve_app.tools.supervisor import Run
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
-# What a stop may take: the supervisor's SIGTERM-then-SIGKILL bound (4 s) with room for a busy
+# What a stop may take: the supervisor's SIGTERM-then-SIGKILL grace (1 s) with room for a busy
 # machine. Ctrl-C of a bare `serve run` takes ~33 s (Serve's 30 s direct-ingress drain).
 STOP_BOUND_S = 10
 IRIS = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
@@ -69,7 +69,7 @@ def ports_and_env(config: dict, work: Path) -> tuple[Path, dict[str, int], dict[
     return path, ports, env
 
 
-def wait_serving(proc: subprocess.Popen, run_file: Path, url: str, timeout: float = 240) -> Run:
+def wait_serving(proc: subprocess.Popen, run_file: Path, url: str, timeout: float = 420) -> Run:
     """The run once its supervisor recorded it ready and it answers a prediction."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -25,17 +25,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import ray  # before psutil: Ray ships psutil (ray/thirdparty_files), the image has no other
-import psutil
 import yaml
-from ray import serve
-from ray.serve.scripts import cli as serve_cli
+
+try:  # not Ray at import: `serve-app stop` must start fast
+    import psutil
+except ImportError:  # the image: Ray ships its own psutil (ray/thirdparty_files), on the path once ray is imported
+    import ray
+    import psutil
 
 from serve_app.tools.localserve import cluster_processes, haproxy_paths, stop_cluster
 
 RUN_FILE = Path(".serve-app/run.json")
-# How long stopping may take before the remaining processes are killed (SIGTERM first).
-STOP_TIMEOUT_S = 4.0
+# How long processes get after SIGTERM before SIGKILL: nothing of a run outlives it (its temp
+# dir goes with it), so a short grace, and a stop in seconds.
+STOP_TIMEOUT_S = 1.0
 SD_FILE = "prom_metrics_service_discovery.json"
 RAY_START_ATTEMPTS = 3
 
@@ -117,6 +120,9 @@ def serve_forever(opts: Options) -> int:
             return 1
         stop_run(previous)  # its supervisor died without stopping it: leftovers, if any
         opts.run_file.unlink(missing_ok=True)
+    import ray  # here: only serving needs Ray (see the imports above)
+    from ray.serve.scripts import cli as serve_cli  # here: as ray
+
     private = opts.temp_dir is None
     # Short: Ray's socket paths must stay under 107 bytes, HAProxy's admin socket under 97.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp") if private else opts.temp_dir
@@ -192,6 +198,7 @@ def _start_ray(opts: Options, temp_dir: str, launched: float) -> None:
     """A new local Ray of our own ("local": whatever RAY_ADDRESS says). Ray gives its raylet a
     fixed 30 s to register, which a loaded machine can miss: the half-started node is ended and
     started again, as bench/launch.py does with `ray start`."""
+    import ray  # here: only serving needs Ray
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         began = time.time()
         try:
@@ -208,6 +215,7 @@ def _start_ray(opts: Options, temp_dir: str, launched: float) -> None:
 
 def _wait_running(timeout: float) -> None:
     """Until every application of the config runs; a failed deployment is an error."""
+    from ray import serve  # here: only serving needs Ray
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         apps = serve.status().applications
@@ -223,6 +231,7 @@ def _wait_running(timeout: float) -> None:
 
 def _drain(seconds: float) -> None:
     """Serve's graceful shutdown of the applications, for at most ``seconds``."""
+    from ray import serve  # here: only serving needs Ray
     worker = threading.Thread(target=serve.shutdown, daemon=True)
     worker.start()
     worker.join(seconds)
