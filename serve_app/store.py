@@ -89,6 +89,9 @@ class StorageBackend(Protocol):
         ...
     def list_children(self, prefix: str) -> list[str]: ...
     def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int | None:
+        """The bytes of ``key`` without reading them; None when it does not exist."""
+        ...
 
 
 class LocalBackend:
@@ -138,6 +141,12 @@ class LocalBackend:
     def exists(self, key: str) -> bool:
         return (self.root / key).is_file()
 
+    def size(self, key: str) -> int | None:
+        try:
+            return (self.root / key).stat().st_size
+        except FileNotFoundError:
+            return None
+
     def list_children(self, prefix: str) -> list[str]:
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
@@ -182,6 +191,16 @@ class S3Backend:
                 return False
             raise
         return True
+
+    def size(self, key: str) -> int | None:
+        from botocore.exceptions import ClientError  # here: boto3 is imported only for S3 stores
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
 
     def exists(self, key: str) -> bool:
         listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(key), MaxKeys=1)
@@ -244,6 +263,10 @@ class ModelStore:
             return ModelMetadata.from_dict(json.loads(data))
         except ValueError as exc:  # not JSON, or not metadata this server accepts (MetadataError)
             raise InvalidMetadata(f"{name}/{version}/{METADATA_FILE}: {exc}") from None
+
+    def artifact_size(self, metadata: ModelMetadata) -> int | None:
+        """The artifact's bytes as stored (a stat, an S3 HEAD), before anyone reads it."""
+        return self.backend.size(f"{metadata.name}/{metadata.version}/{metadata.artifact}")
 
     def read_artifact(self, metadata: ModelMetadata) -> bytes:
         """The artifact's bytes, refused unless they hash to the recorded sha256."""

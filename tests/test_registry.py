@@ -176,11 +176,12 @@ def test_unversioned_requests_are_mirrored_to_the_shadow_and_versioned_ones_not(
     assert registry.workers() == [registry.known("iris").default, shadow]  # health checks see each model once
 
 
-def test_reloading_a_tail_model_forgets_it(store):
+def test_reloading_a_tail_model_swaps_it_for_a_fresh_lookup(store):
     registry = registry_for(store, [{"name": "iris"}], {"models": ["*"]})
     first = run(registry.served("tail-b"))
     run(registry.reload("tail-b"))
-    assert registry.known("tail-b") is None and run(registry.served("tail-b")) is not first
+    fresh = registry.known("tail-b")
+    assert fresh is not None and fresh is not first and run(registry.served("tail-b")) is fresh
 
 
 def test_the_index_lists_live_and_stored_versions(store):

@@ -26,7 +26,7 @@ from conftest import FLEET, FLEET_MAX_MODEL_BYTES, FLEET_MAX_MODELS_PER_REPLICA,
 from serve_app.config import DEFAULT_MAX_MODEL_BYTES, AppConfig, ModelSpec
 from serve_app.errors import ModelTooLarge
 from serve_app.publishing import publish
-from serve_app.serving.worker import artifact_bytes, load_versions
+from serve_app.serving.worker import load_versions
 from serve_app.store import ModelStore
 
 LARGE = [f"large-{i:02d}" for i in range(10)]  # more than the replica holds: 2.5x
@@ -97,8 +97,8 @@ def test_the_artifact_size_is_asked_of_the_store_without_reading_it(tmp_path, s3
     model, frame = fit_trees(1)
     for store in (ModelStore(str(tmp_path)), ModelStore(f"s3://{bucket}/some/prefix")):
         meta = publish(model, "sized", frame.head(200), store=store, version="1")
-        assert artifact_bytes(store, meta) == len(store.read_artifact(meta)) > 0, store.uri
-        assert artifact_bytes(store, dataclasses.replace(meta, version="2")) is None
+        assert store.artifact_size(meta) == len(store.read_artifact(meta)) > 0, store.uri
+        assert store.artifact_size(dataclasses.replace(meta, version="2")) is None
 
 
 # -- the live long tail ------------------------------------------------------------------------

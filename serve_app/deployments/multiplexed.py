@@ -8,9 +8,9 @@ used one (its memory, thread and metrics go with it). The model id is
 an id no replica has cached.
 
 So a replica's memory is bounded by ``max_models_per_replica`` times its largest model, and the
-largest is bounded by ``max_model_bytes``: the ingress refuses a bigger model before the call
-(Serve evicts a model before it loads the next one, so a refusal in the replica would cost a
-loaded model), and the replica checks again before it loads.
+largest is bounded by ``max_model_bytes``: the ingress's registry refuses a bigger model before
+the call (Serve evicts a model before it loads the next one, so a refusal in the replica would
+cost a loaded model), and the replica checks again before it loads.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from serve_app.deployments.handles import DEPLOYMENT_OPTIONS, remote_call
 from serve_app.metadata import ModelMetadata
 from serve_app.runtimes import accepts_missing
 from serve_app.serving.interface import Answer, ModelInput, Worker
-from serve_app.serving.worker import ModelWorker, artifact_bytes, refuse_if_too_large
+from serve_app.serving.worker import ModelWorker
 from serve_app.store import ModelStore
 
 
@@ -60,17 +60,12 @@ class MultiplexedModels:
 class MultiplexedWorker(Worker):
     """One version of a long-tail model, seen from the ingress."""
 
-    def __init__(self, meta: ModelMetadata, handle: DeploymentHandle, spec: ModelSpec, generation: int,
-                 store: ModelStore):
+    def __init__(self, meta: ModelMetadata, handle: DeploymentHandle, spec: ModelSpec, generation: int):
         self.meta, self.spec, self.accepts_missing = meta, spec, accepts_missing(meta)
         self.model_id = multiplexed_model_id(meta.name, meta.version, generation)
-        self._handle, self._store = handle.options(multiplexed_model_id=self.model_id), store
-        self._artifact_bytes: int | None = None  # asked of the store once; 0: it cannot tell (the replica checks)
+        self._handle = handle.options(multiplexed_model_id=self.model_id)
 
     async def infer(self, inputs: ModelInput, outputs: tuple[str, ...]) -> Answer:
-        if self._artifact_bytes is None:
-            self._artifact_bytes = await asyncio.to_thread(artifact_bytes, self._store, self.meta) or 0
-        refuse_if_too_large(self.meta, self._artifact_bytes, self.spec.max_model_bytes)
         return await remote_call(self._handle.infer.remote(inputs, outputs))
 
     async def check(self) -> None:

@@ -39,4 +39,4 @@ class DeploymentPlacement:
 
     def tail(self, meta: ModelMetadata) -> Worker:
         return MultiplexedWorker(meta, self._multiplexed, self._tail_spec.spec_for(meta.name, meta.version),
-                                 self._generation(meta.name), self._store)
+                                 self._generation(meta.name))

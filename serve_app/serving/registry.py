@@ -14,11 +14,12 @@ from collections import OrderedDict
 from typing import Protocol
 
 from serve_app.config import AppConfig, ModelSpec
-from serve_app.errors import ModelNotFoundError, ReloadFailed
+from serve_app.errors import ModelNotFoundError, ModelTooLarge, ReloadFailed
 from serve_app.metadata import ModelMetadata
 from serve_app.runtimes import ArtifactError, check_loadable
 from serve_app.serving.interface import Worker, close_later, distinct
 from serve_app.serving.served import ServedModel
+from serve_app.serving.worker import refuse_if_too_large
 from serve_app.store import ModelStoreError, ModelStore, NotInStore, version_sort_key
 
 logger = logging.getLogger("ray.serve")
@@ -49,6 +50,7 @@ class ModelRegistry:
     def __init__(self, config: AppConfig, store: ModelStore, placement: Placement):
         self.config, self.store, self._placement = config, store, placement
         self._specs = {spec.name: spec for spec in config.models}
+        self._tail_max_bytes = config.multiplexed.max_model_bytes if config.multiplexed else config.max_model_bytes
         self.declared: dict[str, ServedModel] = {spec.name: self._open(spec) for spec in config.models}
         self._tail: OrderedDict[str, ServedModel] = OrderedDict()
         # name -> (until when, the error its lookup gave: not in the store, or refused)
@@ -81,26 +83,30 @@ class ModelRegistry:
         if until > time.monotonic():
             raise error
         try:
-            default = await self._open_tail_version(name, None)
-        except (ModelNotFoundError, ReloadFailed) as exc:
+            served = self._tail[name] = await self._open_tail(name)
+        except (ModelNotFoundError, ReloadFailed, ModelTooLarge) as exc:
             self._absent[name] = (time.monotonic() + ABSENT_FOR_S, exc)
             raise
-        served = self._tail[name] = ServedModel(
-            name, {"latest": default}, "latest", serving="multiplexed",
-            open_version=lambda version: self._open_tail_version(name, version))
         while len(self._tail) > MAX_TAIL_ENTRIES:
             self._tail.popitem(last=False)
         return served
+
+    async def _open_tail(self, name: str) -> ServedModel:
+        default = await self._open_tail_version(name, None)
+        return ServedModel(name, {"latest": default}, "latest", serving="multiplexed",
+                           open_version=lambda version: self._open_tail_version(name, version))
 
     async def _open_tail_version(self, name: str, version: str | None) -> Worker:
         return self._placement.tail(await asyncio.to_thread(self._loadable, name, version))
 
     def _loadable(self, name: str, version: str | None) -> ModelMetadata:
         """The metadata of ``version`` of a long-tail model, checked as a load would check it
-        (metadata accepted, artifact's sha256, trusted types) before any replica loads it.
-        ``latest`` is the newest stored version that passes: a version that does not leaves
-        the previous one serving, never a server error. 404 when there is no such version,
-        409 (``reload_failed``) when the store's versions are refused."""
+        (its size against ``max_model_bytes`` before a byte is read, metadata accepted,
+        artifact's sha256, trusted types) before any replica loads it: a replica refusing a
+        model would already have evicted one to make room. ``latest`` is the newest stored
+        version that passes: a version that does not leaves the previous one serving, never a
+        server error. 404 when there is no such version, 409 when the store's versions are
+        refused (``model_too_large`` when size alone refused them, else ``reload_failed``)."""
         try:
             stored = self.store.versions(name)
         except (ModelStoreError, ValueError):
@@ -113,22 +119,25 @@ class ModelRegistry:
         for candidate in candidates:
             try:
                 meta = self.store.read_metadata(name, candidate)
+                refuse_if_too_large(meta, self.store.artifact_size(meta), self._tail_max_bytes)
                 check_loadable(self.store, meta)
             except (NotInStore, ValueError):  # an absent or invalid version number
                 if version is None:
                     continue
                 raise ModelNotFoundError(f"model {name!r} has no version {version!r} in the store") from None
-            except (ModelStoreError, ArtifactError) as exc:
-                refused.append(f"version {candidate}: {exc}")
+            except (ModelStoreError, ArtifactError, ModelTooLarge) as exc:
+                refused.append(exc)
                 continue
             if refused:
                 logger.warning("model %r: serving version %s; newer versions refused: %s", name, candidate,
-                               "; ".join(refused))
+                               "; ".join(map(str, refused)))
             return meta
         if not refused:
             raise ModelNotFoundError(f"model {name!r} is not served and not in the store; served: "
                                      f"{sorted(self.declared)}")
-        raise ReloadFailed(f"model {name!r}: the store's version cannot be served: {'; '.join(refused)}")
+        if all(isinstance(exc, ModelTooLarge) for exc in refused):
+            raise refused[0]
+        raise ReloadFailed(f"model {name!r}: the store's version cannot be served: {'; '.join(map(str, refused))}")
 
     async def for_inference(self, name: str, version: str | None, key: str | None) -> Worker:
         """The worker that answers: ``version`` when the request names one, else the canary
@@ -161,7 +170,15 @@ class ModelRegistry:
             old, self.declared[name] = self.declared[name], fresh
             close_later(old.by_version.values(), spec.timeout_s)
         else:
-            self._tail.pop(name, None)  # the next request reads the store again, with a new model id
+            self._absent.pop(name, None)  # a lookup that found nothing a moment ago runs again
+            if name not in self._tail:
+                return
+            # Swapped, not dropped: a request in flight still finds the model (its version header,
+            # its metrics' labels); the fresh entry has a new model id for Serve's multiplexing.
+            try:
+                self._tail[name] = await self._open_tail(name)
+            except (ModelNotFoundError, ReloadFailed, ModelTooLarge):
+                self._tail.pop(name, None)  # the next request looks it up again and says why
 
     # -- the repository index ------------------------------------------------------------------
     async def index(self) -> list[dict]:

@@ -35,7 +35,7 @@ from serve_app.monitoring.telemetry import ModelTelemetry
 from serve_app.runtimes import ModelRuntime, runtime_for
 from serve_app.serving.interface import Answer, ModelInput, Worker
 from serve_app.serving.outputs import EXPLANATION_OUTPUTS, wants_explanation
-from serve_app.store import LocalBackend, ModelStore, S3Backend
+from serve_app.store import ModelStore
 
 logger = logging.getLogger("ray.serve")
 
@@ -45,20 +45,6 @@ _Item = tuple[ModelInput, tuple[str, ...]]
 
 def _rows(items: Sequence[_Item]) -> int:
     return sum(inputs.rows for inputs, _ in items)
-
-
-def artifact_bytes(store: ModelStore, meta: ModelMetadata) -> int | None:
-    """The stored artifact's size, asked of the backend without reading the artifact (a file's
-    stat, an S3 object's HEAD); None when the backend cannot tell."""
-    key, backend = f"{meta.name}/{meta.version}/{meta.artifact}", store.backend
-    try:
-        if isinstance(backend, LocalBackend):
-            return (backend.root / key).stat().st_size
-        if isinstance(backend, S3Backend):
-            return backend.client.head_object(Bucket=backend.bucket, Key=backend._key(key))["ContentLength"]
-    except Exception:  # missing or unreadable: the read that follows says so
-        return None
-    return None
 
 
 def refuse_if_too_large(meta: ModelMetadata, size: int | None, max_bytes: int | None) -> None:
@@ -115,7 +101,7 @@ class ModelWorker(Worker):
         knows the artifact is over ``spec.max_model_bytes``, else before it is deserialised."""
         started = time.perf_counter()
         meta = store.read_metadata(spec.name, spec.version)
-        refuse_if_too_large(meta, artifact_bytes(store, meta), spec.max_model_bytes)
+        refuse_if_too_large(meta, store.artifact_size(meta), spec.max_model_bytes)
         artifact = store.read_artifact(meta)
         refuse_if_too_large(meta, len(artifact), spec.max_model_bytes)
         runtime = runtime_for(meta.framework).load(artifact, meta)
