@@ -249,7 +249,7 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
     ray_temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     store = work / "model_store"
     (http_port, gcs_port, dash_port, metrics_port, haproxy_stats, haproxy_metrics,
-     fallback_http, fallback_grpc, grpc_port) = (free_port() for _ in range(9))
+     fallback_http, fallback_grpc, grpc_port, agent_port) = (free_port() for _ in range(10))
     api_token = secrets.token_urlsafe(24)
     config = make_test_config(store, http_port, api_token, grpc_port)
     prepare_fleet_store(work / "fleet_store")
@@ -270,6 +270,9 @@ def serve_cluster(tmp_path_factory) -> ServeCluster:
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=4",
          f"--dashboard-port={dash_port}", f"--metrics-export-port={metrics_port}", f"--temp-dir={ray_temp}",
+         # the dashboard agent's port too (default 52365): beside another local Ray, a taken one
+         # makes the raylet give up waiting for its agent
+         f"--dashboard-agent-listen-port={agent_port}",
          "--disable-usage-stats"],
         check=True, env=env, cwd=work, stdout=subprocess.DEVNULL,
     )
