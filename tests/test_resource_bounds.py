@@ -224,8 +224,10 @@ def test_a_model_over_max_model_bytes_is_refused_clearly_and_the_replica_serves_
             service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=(("application", "fleet"),))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value.details()
     assert dict(caught.value.trailing_metadata() or ()).get("reason") == "model_too_large"
-    # the metadata is still described, and the replica goes on serving the others
-    assert fleet.get(f"/v2/models/{TOO_LARGE}").status_code == 200
+    # not served, so not described as a live model either (the same refusal: the registry checks the
+    # size before anything is read); the replica goes on serving the others
+    described = fleet.get(f"/v2/models/{TOO_LARGE}")
+    assert described.status_code == 409 and described.json()["reason"] == "model_too_large", described.text
     served = fleet.post(f"/v2/models/{LARGE[0]}/infer", json=v2_body(X))
     assert served.status_code == 200, served.text
     np.testing.assert_allclose(predict_proba(served.json()), large_models.predict_proba(X), rtol=1e-9)
