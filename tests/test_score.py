@@ -47,9 +47,18 @@ def store(tmp_path_factory) -> ModelStore:
 @pytest.fixture(scope="module")
 def ray_local(moto_endpoint):
     """An in-process Ray of its own (private temp dir), its workers reaching the moto server as a
-    cluster's would reach S3 (credentials in their environment)."""
+    cluster's would reach S3 (credentials in their environment).
+
+    In a whole-suite run this process is already a driver of the session's Serve cluster (and
+    ray.init exported its address as RAY_ADDRESS): it leaves that cluster for the module, starts
+    a new one (address="local", never the Serve cluster's busy CPUs) and joins Serve's again after."""
     import ray
 
+    serve_cluster = None
+    if ray.is_initialized():
+        context = ray.get_runtime_context()
+        serve_cluster = (context.gcs_address, context.namespace)
+        ray.shutdown()
     if _RAY_FAILED:  # a module fixture that failed is set up again per test: fail at once instead
         pytest.fail(f"Ray did not start: {_RAY_FAILED[0]}")
     temp = tempfile.mkdtemp(prefix="ray-score-", dir="/tmp")
@@ -59,7 +68,7 @@ def ray_local(moto_endpoint):
         # Ray gives its raylet a fixed 30 s to register with the GCS: a busy machine can miss that.
         for attempt in range(RAY_START_ATTEMPTS):
             try:
-                ray.init(num_cpus=2, _temp_dir=temp, _node_ip_address="127.0.0.1", include_dashboard=False,
+                ray.init(address="local", num_cpus=2, _temp_dir=temp, _node_ip_address="127.0.0.1", include_dashboard=False,
                          log_to_driver=False, runtime_env={"env_vars": env})
                 break
             except Exception:
@@ -73,6 +82,9 @@ def ray_local(moto_endpoint):
         ray.shutdown()
         stop_ray_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+        if serve_cluster is not None:
+            address, namespace = serve_cluster
+            ray.init(address=address, namespace=namespace, log_to_driver=False)
 
 
 def customers(rows: int = ROWS, seed: int = 5) -> pd.DataFrame:
