@@ -479,10 +479,14 @@ def score(model: str, input, output: str | None = None, *, version: str | None =
 def _write(dataset, fs, path: str, output: str) -> None:
     from ray.data import SaveMode  # on demand, as ray above
 
+    # S3 has no folders: Arrow's create_dir there PUTs a zero-byte "<output>/" marker object,
+    # which a reader listing the output's keys takes for an empty Parquet file. Ray Data skips
+    # it for s3:// paths, but ``path`` carries no scheme (the file system is given): say so.
+    create_dir = not isinstance(fs, pafs.S3FileSystem)
     if output.lower().endswith(".csv"):
-        dataset.write_csv(path, filesystem=fs, mode=SaveMode.OVERWRITE)
+        dataset.write_csv(path, filesystem=fs, mode=SaveMode.OVERWRITE, try_create_dir=create_dir)
     else:
-        dataset.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE)
+        dataset.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE, try_create_dir=create_dir)
 
 
 def _count(fs, path: str, output: str) -> int:

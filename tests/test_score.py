@@ -115,7 +115,8 @@ def check_scores(store: ModelStore, name: str, frame: pd.DataFrame, scored: pd.D
     labels, proba = expected(store, name, frame)
     assert (scored["predict"].to_numpy() == labels).all()
     columns = [scoring.proba_column(c) for c in meta.classes]
-    np.testing.assert_allclose(scored[columns].to_numpy(), proba, rtol=1e-9, atol=1e-12)
+    # Ray Data's to_pandas (2.56+) gives Arrow-backed columns, whose to_numpy() is of objects.
+    np.testing.assert_allclose(scored[columns].to_numpy(dtype=np.float64), proba, rtol=1e-9, atol=1e-12)
 
 
 def read_output(path: Path) -> pd.DataFrame:
