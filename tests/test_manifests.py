@@ -310,7 +310,7 @@ def test_the_batch_score_rayjob_follows_the_pins_too():
     """cluster/jobs/batch-score takes both from generated/ as well (tests/test_rayjob.py checks the rest)."""
     require_tool("kubectl")
     pins = manifests.read_pins(ROOT)
-    (job,) = manifests.render(CLUSTER / "jobs" / "batch-score")
+    (job,) = [o for o in manifests.render(CLUSTER / "jobs" / "batch-score") if o["kind"] == "RayJob"]
     spec = job["spec"]
     assert spec["rayClusterSpec"]["rayVersion"] == pins.ray_version
     groups = [spec["rayClusterSpec"]["headGroupSpec"], *spec["rayClusterSpec"]["workerGroupSpecs"]]
