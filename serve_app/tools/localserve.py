@@ -15,8 +15,6 @@ import time
 
 from pathlib import Path
 
-import httpx
-
 # Predictions are idempotent, so HAProxy may resend a request whose replica closed the
 # connection without answering (a replica killed or crashing mid-request), not only one that
 # could not connect (Ray's default, conn-failure). Kept in step with the Makefile.
@@ -80,6 +78,8 @@ def haproxy_paths(base: Path) -> dict[str, str]:
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
     """Return once ``url`` answers 200; fail early if the server process died."""
+    import httpx  # here: the image's CMD imports this module (the supervisor) and has no httpx
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
