@@ -81,7 +81,9 @@ def test_harness_runs_every_peer_and_writes_results_table_and_plot(tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # nothing left running: not its servers, not a process of the Ray clusters it started
     loaded = results["loaded_memory"]
-    assert loaded["tail_models"] == 8 and loaded["with_tail_models"]["rss_mb"] > loaded["idle"]["rss_mb"] > 0
+    # measured, not compared: eight small iris models are within the noise of a whole Ray's RSS
+    # (one CI run: 4,891 MB with them against 4,896 idle)
+    assert loaded["tail_models"] == 8 and loaded["with_tail_models"]["rss_mb"] > 0 and loaded["idle"]["rss_mb"] > 0
     markers = [str(out), *results["meta"]["ray_temp_dirs"]]
     # the round's Ray servers share one cluster; the memory step and the lever another
     assert len(markers) == 3
