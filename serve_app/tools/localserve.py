@@ -132,9 +132,11 @@ def cluster_processes(markers: list[str] | tuple[str, ...]) -> list:
     import psutil  # here: Ray ships it (importable once ray is), the test extra installs it
 
     # A marker is matched as a substring of every command line: an empty or short one (a
-    # lookup that found nothing) would name every process on the machine.
-    if not markers or any(len(str(m).strip()) < 8 for m in markers):
+    # lookup that found nothing) would name every process on the machine. No markers: nothing.
+    if any(len(str(m).strip()) < 8 for m in markers):
         raise ValueError(f"refusing to look for a cluster's processes by markers {markers!r}: name its temp dir")
+    if not markers:
+        return []
     mine: dict[int, psutil.Process] = {}
     groups = set()
     for proc in psutil.process_iter(["cmdline"]):

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -166,8 +167,10 @@ def serve_forever(opts: Options) -> int:
     except _Stop as why:
         print(f"{why}: stopping", flush=True)
         status = 0
-    except (Exception, SystemExit) as exc:  # a failed start (`serve run` exits): clean up all the same
-        print(f"serve-app serve: {exc!r}", file=sys.stderr, flush=True)
+    except (Exception, SystemExit):  # a failed start (`serve run` exits): clean up all the same
+        print("serve-app serve: the start failed:", file=sys.stderr)
+        traceback.print_exc()  # the whole cause (an OSError's repr drops the path it names)
+        sys.stderr.flush()
         status = 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
