@@ -151,7 +151,8 @@ def _one_dimensional(values: Any, what: str) -> np.ndarray:
                 array[:] = list(values)
     if array.ndim == 2 and array.shape[1] == 1:  # V2's [N, 1]
         array = array.reshape(-1)
-    if array.ndim != 1 or (array.dtype.kind == "O" and any(isinstance(v, (list, dict, tuple)) for v in array)):
+    if array.ndim != 1 or (array.dtype.kind == "O" and _object_kind(array) not in _FLAT_KINDS
+                           and any(isinstance(v, (list, dict, tuple)) for v in array)):
         raise BadInput(f"{what}: expected one value per row, got nested values", "wrong_shape")
     return array
 
@@ -161,9 +162,11 @@ def _text(array: np.ndarray, what: str) -> np.ndarray:
     if kind == "U":
         return array.astype(object)
     if kind == "O":
+        if _object_kind(array) in ("string", "empty"):
+            column = array.copy()
+            column[_pandas().isna(array)] = np.nan  # None (a JSON null, an Arrow null) is missing
+            return column
         bad = [v for v in array if not (isinstance(v, str) or v is None or _is_nan(v))]
-        if not bad:
-            return np.array([np.nan if v is None else v for v in array], dtype=object)
         raise BadInput(f"{what}: expects strings, got {_quote(bad)} (numbers are not turned into text: "
                        "send them as strings)", "wrong_type")
     if array.size == 0:
@@ -233,18 +236,34 @@ def _missing_mask(column: np.ndarray) -> np.ndarray | None:
     if column.dtype.kind == "f":
         return np.isnan(column)
     if column.dtype.kind == "O":
-        return np.array([_is_nan(v) for v in column], dtype=bool)
+        return _pandas().isna(column)
     return None
 
 
 def _check_categories(column: np.ndarray, missing: np.ndarray | None, feature: Feature, what: str) -> None:
-    allowed = set(feature.categories)
-    unseen = [v for i, v in enumerate(column.tolist())
-              if not (missing is not None and missing[i]) and v not in allowed]
-    if unseen:
-        values = list(dict.fromkeys(unseen))
+    known = _pandas().Series(column, dtype=object, copy=False).isin(feature.categories).to_numpy()
+    if missing is not None:
+        known = known | missing
+    if not known.all():
+        values = list(dict.fromkeys(column[~known].tolist()))
         raise BadInput(f"{what}: {_quote(values)} never seen in training; allowed values: "
                        f"{list(feature.categories)}", "unknown_category")
+
+
+# Object arrays whose values are all of one flat kind (nulls aside), as pandas' C loop infers it.
+_FLAT_KINDS = frozenset({"string", "empty", "integer", "floating", "boolean", "mixed-integer-float"})
+
+
+def _object_kind(array: np.ndarray) -> str:
+    return _pandas().api.types.infer_dtype(array, skipna=True)
+
+
+def _pandas():
+    """pandas, imported on first use: only object columns (text, or numbers with JSON nulls)
+    need its C loops, so a request of plain numbers never imports it."""
+    import pandas
+
+    return pandas
 
 
 def _is_nan(value: Any) -> bool:
