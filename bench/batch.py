@@ -105,6 +105,7 @@ def local_ray(work: Path, head_cpus: int, workers: int = 0, worker_cpus: int = 1
     """A local Ray of its own temp dir: a head with ``head_cpus`` and ``workers`` worker nodes;
     yields its address and the seconds ``ray start`` took. Stopped through its temp dir only."""
     ensure_ray_token(BIN / "ray")
+    os.environ["RAY_AUTH_MODE"] = "token"  # the driver too: score() attaches to this cluster
     temp = Path(tempfile.mkdtemp(prefix="ray-batch-", dir="/tmp"))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     gcs = f"127.0.0.1:{free_port()}"
@@ -119,6 +120,10 @@ def local_ray(work: Path, head_cpus: int, workers: int = 0, worker_cpus: int = 1
                             f"--num-cpus={worker_cpus}", "--disable-usage-stats"],
                            env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
         yield gcs, time.perf_counter() - started
+    except subprocess.CalledProcessError:
+        log.flush()
+        print((work / f"{temp.name}.log").read_text()[-3000:], file=sys.stderr)
+        raise
     finally:
         stop_ray_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)

@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 
 from serve_app.codecs import tables
 from serve_app.errors import BadInput
-from serve_app.metadata import Feature, ModelMetadata, labels_from_probabilities
-from serve_app.serving.outputs import check_outputs
+from serve_app.metadata import Feature, ModelMetadata
+from serve_app.serving.outputs import check_outputs, predictions
 from serve_app.store import DEFAULT_STORE, ModelStore, store_from_environment
 
 # Exit statuses of `serve-app score`: every row scored; the run failed (bad arguments, an
@@ -259,19 +259,6 @@ def _cells(feature: Feature, values: np.ndarray) -> list:
     return cells
 
 
-def model_outputs(runtime, meta: ModelMetadata, model_input, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-    """``predict`` and ``predict_proba`` of validated rows, as a worker computes them: labels
-    from the probabilities when both are asked (one model call)."""
-    X, results = runtime.prepare(model_input.data), {}
-    if "predict_proba" in outputs:
-        results["predict_proba"] = np.asarray(runtime.predict_proba(X), dtype=np.float64)
-        if "predict" in outputs:
-            results["predict"] = labels_from_probabilities(meta.classes, results["predict_proba"])
-    elif "predict" in outputs:
-        results["predict"] = np.asarray(runtime.predict(X))
-    return results
-
-
 def proba_column(label) -> str:
     """The output column of one class's probability: ``proba_<label>``."""
     return f"proba_{label}"
@@ -297,7 +284,7 @@ class _Scorer:
         passed, model_input, problems = validate(columns, self.meta, self.runtime.accepts_missing)
         if model_input is not None:
             try:
-                results = model_outputs(self.runtime, self.meta, model_input, self.outputs)
+                results = predictions(self.runtime, model_input.data, self.outputs)
             except BadInput:  # the model refused a value: find its rows one by one
                 results = self._row_by_row(columns, passed, problems)
         else:
@@ -312,7 +299,7 @@ class _Scorer:
             _, one, _ = validate({name: values[i:i + 1] for name, values in columns.items()}, self.meta,
                                  self.runtime.accepts_missing)
             try:
-                parts.append(model_outputs(self.runtime, self.meta, one, self.outputs))
+                parts.append(predictions(self.runtime, one.data, self.outputs))
             except BadInput as exc:
                 passed[i] = False
                 problems.append((int(i), None, exc.reason, exc.message))
@@ -417,8 +404,11 @@ def scored_dataset(model: str, input, *, version: str | None = None, store: str 
         columns = input_columns(fs, files[0], fmt)
         text = [f.name for f in meta.features if f.name in columns]
         dataset = ray.data.from_items([{"index": i} for i in range(len(files))], override_num_blocks=len(files))
+        # Reading asks for no CPU: the scoring actors take every core, and a read task that
+        # waited for one would never run (a 1-CPU worker deadlocked with 0.5). Reads are light
+        # beside scoring, and Ray Data's memory budget still paces them.
         dataset = dataset.map_batches(_read_files, fn_args=(fs, files, fmt, batch_rows, text), batch_size=1,
-                                      batch_format="pyarrow", num_cpus=0.5)
+                                      batch_format="pyarrow", num_cpus=0)
     else:
         dataset, files, fmt, columns = _table_input(input)
     try:
@@ -436,7 +426,9 @@ def scored_dataset(model: str, input, *, version: str | None = None, store: str 
     parts = filesystem(errors_parts) if errors_parts else None
     return dataset.map_batches(
         _Scorer, fn_constructor_args=(store, model, version, outputs, keys, files, fmt, on_error, parts),
-        batch_size=batch_rows, batch_format="pyarrow", concurrency=(1, concurrency), num_cpus=1)
+        batch_size=batch_rows, batch_format="pyarrow", num_cpus=1,
+        # every actor asked for at once: each loads the model, and the table is there to score
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency, initial_size=concurrency))
 
 
 def score(model: str, input, output: str | None = None, *, version: str | None = None, store: str | None = None,

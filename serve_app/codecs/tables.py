@@ -261,7 +261,7 @@ def _object_kind(array: np.ndarray) -> str:
 def _pandas():
     """pandas, imported on first use: only object columns (text, or numbers with JSON nulls)
     need its C loops, so a request of plain numbers never imports it."""
-    import pandas
+    import pandas  # lazy: see the docstring
 
     return pandas
 

@@ -29,12 +29,12 @@ from ray import serve
 from serve_app.codecs.tables import typical_row
 from serve_app.config import ModelSpec
 from serve_app.errors import ModelTooLarge
-from serve_app.metadata import ModelMetadata, labels_from_probabilities
+from serve_app.metadata import ModelMetadata
 from serve_app.monitoring.drift import DriftMonitor
 from serve_app.monitoring.telemetry import ModelTelemetry
 from serve_app.runtimes import ModelRuntime, runtime_for
 from serve_app.serving.interface import Answer, ModelInput, Worker
-from serve_app.serving.outputs import EXPLANATION_OUTPUTS, wants_explanation
+from serve_app.serving.outputs import EXPLANATION_OUTPUTS, predictions, wants_explanation
 from serve_app.store import ModelStore
 
 logger = logging.getLogger("ray.serve")
@@ -211,15 +211,7 @@ class ModelWorker(Worker):
                     self._call_seconds = took if average is None else 0.9 * average + 0.1 * took
 
     def _results(self, inputs: ModelInput, outputs: Sequence[str], started: float) -> Outputs:
-        X, results = self.runtime.prepare(inputs.data), {}
-        if "predict_proba" in outputs and self.meta.is_classifier:
-            proba = np.asarray(self.runtime.predict_proba(X), dtype=np.float64)
-            results["predict_proba"] = proba
-            if "predict" in outputs:  # labels from the probabilities: one model call
-                results["predict"] = labels_from_probabilities(self.meta.classes, proba)
-        elif "predict" in outputs:
-            pred = np.asarray(self.runtime.predict(X))
-            results["predict"] = pred if self.meta.is_classifier else pred.astype(np.float64)
+        results = predictions(self.runtime, inputs.data, outputs)
         self.telemetry.called(inputs.rows, time.perf_counter() - started, results)
         return results
 
