@@ -46,7 +46,8 @@ ON_ERROR = ("fail", "continue")
 # `serve-app score`'s --model, --input and --output when they are not given (the RayJob sets them).
 SCORE_ENV = {"model": "SERVE_APP_SCORE_MODEL", "input": "SERVE_APP_SCORE_INPUT", "output": "SERVE_APP_SCORE_OUTPUT"}
 SCORE_OUTPUTS = ("predict", "predict_proba")
-DEFAULT_BATCH_ROWS = 8192
+DEFAULT_BATCH_ROWS = 65536  # a pipeline call costs ~10 ms whatever its rows: few, large calls
+ROWS_PER_OUTPUT_FILE = 1 << 20
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 # The position columns the read tasks add; never written to the output.
 FILE_COLUMN, ROW_COLUMN = "_file", "_row"
@@ -145,9 +146,18 @@ def input_columns(fs, path: str, fmt: str) -> list[str]:
         raise ScoreError(f"{path}: not a readable {fmt} file: {exc}") from None
 
 
+def bytes_per_row(fs, path: str, fmt: str, text: list[str]) -> int:
+    """The in-memory size of one row as read (the first rows of ``path``), position columns
+    included: what turns a number of rows into Ray Data's block size in bytes."""
+    first = next(_file_batches(fs, path, fmt, 1024, text), None)
+    if first is None or not first.num_rows:
+        return 64
+    return max(1, round(first.nbytes / first.num_rows)) + 12  # + FILE_COLUMN and ROW_COLUMN
+
+
 def _read_files(batch, fs, files: list[str], fmt: str, batch_rows: int, text: list[str]):
     """A read task: each file of its batch as batches of at most ``batch_rows`` rows, with
-    the position columns (a generator: Ray Data streams each batch on as a block)."""
+    the position columns (a generator: Ray Data streams the batches on as blocks)."""
 
     for index in batch["index"].to_pylist():
         offset = 0
@@ -359,12 +369,14 @@ def connect(address: str | None) -> float:
     return time.perf_counter() - started
 
 
-def _table_input(frame):
-    """A pandas DataFrame in the notebook as a Dataset with the position columns."""
+def _table_input(frame, batch_rows: int):
+    """A pandas DataFrame in the notebook as a Dataset with the position columns, one block
+    per batch (each block goes to one scoring actor)."""
     import ray  # on demand: `serve-app` reads this module's constants for every command
 
     frame = frame.reset_index(drop=True).assign(**{FILE_COLUMN: np.int32(0), ROW_COLUMN: np.arange(len(frame))})
-    return ray.data.from_pandas(frame), ["<DataFrame>"], "table", list(frame.columns[:-2])
+    parts = [frame.iloc[start:start + batch_rows] for start in range(0, len(frame), batch_rows)] or [frame]
+    return ray.data.from_pandas(parts), ["<DataFrame>"], "table", list(frame.columns[:-2])
 
 
 def _errors_location(output: str | None, errors: str | None) -> str | None:
@@ -409,8 +421,12 @@ def scored_dataset(model: str, input, *, version: str | None = None, store: str 
         # beside scoring, and Ray Data's memory budget still paces them.
         dataset = dataset.map_batches(_read_files, fn_args=(fs, files, fmt, batch_rows, text), batch_size=1,
                                       batch_format="pyarrow", num_cpus=0)
+        # One block per batch, not one per file: each block goes to one scoring actor, and a
+        # file read as one block (Ray Data merges a task's output up to its block size, 128 MiB
+        # by default) would be scored by one actor while the others wait.
+        dataset.context.target_max_block_size = batch_rows * bytes_per_row(fs, files[0], fmt, text)
     else:
-        dataset, files, fmt, columns = _table_input(input)
+        dataset, files, fmt, columns = _table_input(input, batch_rows)
     try:
         tables.check_names([c for c in columns if c in meta.feature_names], meta.feature_names, "the input")
     except BadInput as exc:
@@ -475,10 +491,14 @@ def _write(dataset, fs, path: str, output: str) -> None:
     # which a reader listing the output's keys takes for an empty Parquet file. Ray Data skips
     # it for s3:// paths, but ``path`` carries no scheme (the file system is given): say so.
     create_dir = not isinstance(fs, pafs.S3FileSystem)
+    # Writing asks for no CPU, as reading: the scoring actors hold every core. Output files
+    # gather the small blocks, not one file per batch.
+    options = dict(filesystem=fs, mode=SaveMode.OVERWRITE, try_create_dir=create_dir,
+                   min_rows_per_file=ROWS_PER_OUTPUT_FILE, ray_remote_args={"num_cpus": 0})
     if output.lower().endswith(".csv"):
-        dataset.write_csv(path, filesystem=fs, mode=SaveMode.OVERWRITE, try_create_dir=create_dir)
+        dataset.write_csv(path, **options)
     else:
-        dataset.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE, try_create_dir=create_dir)
+        dataset.write_parquet(path, **options)
 
 
 def _count(fs, path: str, output: str) -> int:
