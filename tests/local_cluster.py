@@ -14,14 +14,28 @@ On one shared machine a few values differ from the Pods, each of which has a net
 its own: ports (free ones, the HTTP port included), the model store (a temporary one, through the
 same ``SERVE_APP_STORE`` override the Pods use) and the Redis (``redis_server``: Debian's
 redis-server on loopback, where the overlay runs components/redis in the namespace).
+
+Ports Ray picks itself stay as in the Pods, and two of them are shared here. Serve's fallback proxy
+port (``RAY_SERVE_FALLBACK_PROXY_HTTP_PORT``, one free port for every node) is only bound on the
+head (Ray starts the fallback proxy there alone), so nothing collides. The replicas' direct-ingress
+ports come from the controller's per-node allocator, which starts every node at 30000 (HTTP) and
+40000 (gRPC), as it would in every Pod: an HTTP replica whose port another node's replica holds
+fails to bind and is given the next one (each node's HAProxy lists distinct ``127.0.0.1`` ports),
+while the replicas' gRPC servers set SO_REUSEPORT and share 40000, so the kernel spreads gRPC
+connections over the replicas of both workers where a Pod's address names one. The HTTP rollout of
+tests/test_head_loss.py is unaffected: the same rollout on this cluster without a head loss loses
+no request.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -236,6 +250,41 @@ class LocalCluster:
             nodes = api.get("/api/v0/nodes", params={"limit": 100}).json()["data"]["result"]["result"]
         return [n for n in nodes if n["state"] == "ALIVE"]
 
+    def node_id(self, node: LocalNode) -> str:
+        """The Ray node id of ``node``'s running raylet."""
+        for proc in node.processes():
+            try:
+                if proc.name() == "raylet":
+                    return next(a.split("=", 1)[1] for a in proc.cmdline() if a.startswith("--node_id="))
+            except (psutil.NoSuchProcess, StopIteration):
+                pass
+        raise ProcessLookupError(f"no raylet of node {node.role}")
+
+    def haproxy_stats(self, node: LocalNode) -> list[dict[str, str]]:
+        """``show stat`` of the node's HAProxy, one dict per proxy and server, from its admin socket.
+        Ray nests the socket in a directory named after the node id, under the temp dir."""
+        path = next(self.temp_dir.glob(f"n*/hp/{self.node_id(node)}/admin.sock"), None)
+        if path is None:
+            raise FileNotFoundError(f"no HAProxy admin socket of node {node.role}")
+        with socket.socket(socket.AF_UNIX) as admin:
+            admin.settimeout(5)
+            admin.connect(str(path))
+            admin.sendall(b"show stat\n")
+            data = b""
+            while chunk := admin.recv(65536):
+                data += chunk
+        return list(csv.DictReader(io.StringIO(data.decode().removeprefix("# "))))
+
+    def fallback_up(self, node: LocalNode) -> bool:
+        """Whether ``node``'s HAProxy has the current head's fallback proxy UP. Every HTTP backend
+        lists it as its backup server, and it is the only server Serve gives HAProxy while an
+        application rebuilds after a config change: a head restarts without one, and until Serve
+        has started a new one (a Python proxy importing the gRPC servicer) and broadcast it, a
+        rebuild leaves the workers' HAProxies nothing to send requests to."""
+        head = next((n["node_id"] for n in self.alive_nodes() if n["is_head_node"]), None)
+        return any(row["svname"] == f"SERVE_PROXY_ACTOR-fallback-{head}" and row["status"] == "UP"
+                   for row in self.haproxy_stats(node) if row["pxname"].startswith("http-"))
+
     def deploy(self, config: dict) -> None:
         """As the KubeRay operator deploys serveConfigV2 (JSON, to the Serve REST API)."""
         with self.api() as api:
@@ -249,7 +298,7 @@ def wait_for(what: str, probe, timeout: float = READY_TIMEOUT_S, interval: float
         try:
             if probe():
                 return
-        except (httpx.HTTPError, ValueError, KeyError):  # a dashboard still starting
+        except (httpx.HTTPError, OSError, ValueError, KeyError):  # a dashboard or a socket still starting
             pass
         time.sleep(interval)
     raise TimeoutError(f"{what} not ready after {timeout}s")
@@ -293,7 +342,8 @@ def prod_like_cluster(work: Path, redis: RedisServer | None) -> Iterator[LocalCl
         nodes[0].flags["redis-password"] = redis.password
         for node in nodes[1:]:
             node.env.update(worker_ft)
-    # Serve's fallback proxy (HAProxy's backup server, on the head; 8500/9500 in a Pod).
+    # Serve's fallback proxy (HAProxy's backup server, on the head; 8500/9500 in a Pod). Every node
+    # gets the same ports, as every Pod does: only the head starts a fallback proxy.
     fallback_ports = {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
                       "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port())}
     for index, node in enumerate(nodes):
@@ -308,7 +358,9 @@ def prod_like_cluster(work: Path, redis: RedisServer | None) -> Iterator[LocalCl
             "RAY_SERVE_HAPROXY_STATS_PORT": str(node.haproxy_ports[1]),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(node.haproxy_ports[2]),
             **fallback_ports,
-            # Each node's HAProxy files of its own (the default /tmp/haproxy-serve is per machine).
+            # HAProxy files away from the machine's /tmp/haproxy-serve. Ray nests each node's in a
+            # directory named after its node id; in this cluster all of them land under the
+            # head's base (n0), the workers' included (haproxy_stats looks them up by node id).
             **haproxy_paths(temp_dir / f"n{index}"),
         })
         if node.role != "head":  # the head's HAProxy binds http_options.port and grpc_options.port

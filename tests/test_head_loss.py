@@ -7,8 +7,13 @@ sets them), two workers, serveConfigV2 PUT to the dashboard's Serve REST API. Cl
 requests through a worker's ingress (the serve Service leaves the head out) while every process
 of the head is SIGKILLed (GCS, raylet, dashboard, the Serve controller, the head's HAProxy) and,
 after a downtime shorter than the workers' reconnect timeout, the head is started again with the
-same command, as the head Pod's container would be. The figures are printed with ``-s``
-(docs/reliability-security.md#head-node-loss).
+same command, as the head Pod's container would be. Once Serve has recovered, and the restarted
+head's fallback proxy is UP in the worker's HAProxy, a config change (iris version 2, a change of
+the application's args, so Serve rebuilds the application) is PUT and must roll out with no more
+than 1 % of the requests failing. The wait for the fallback proxy is what the rollout needs: while
+an application rebuilds, Ray 2.60 gives every HAProxy no replica of it, only the head's fallback
+proxy as a backup server, and a restarted head has none until Serve has started it again. The
+figures are printed with ``-s`` (docs/reliability-security.md#head-node-loss).
 
 The contrast runs last on the same cluster: the head killed again and restarted without its
 Redis, which is what a head restart is for a cluster without GCS fault tolerance (a GCS that kept
@@ -36,6 +41,7 @@ HEAD_DOWN_S = 15  # well below the workers' reconnect timeout (600 s with KubeRa
 IRIS = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [[5.1, 3.5, 1.4, 0.2]]}]}
 RECOVERY_TIMEOUT_S = 180
 FT_ENV = ("RAY_REDIS_ADDRESS", "REDIS_PASSWORD", "RAY_external_storage_namespace")
+INGRESS = "models/ModelServer"  # replica_ids' key of the application's ingress deployment
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +91,10 @@ def test_with_redis_the_workers_serve_through_a_head_loss_and_serve_recovers(clu
         wait_for("the Serve controller on the restarted head", recovered, RECOVERY_TIMEOUT_S, 0.5)
         back_at = time.monotonic()
         after = cluster.applications()
+        # The backup server of every HAProxy backend, and during a rebuild the only one.
+        wait_for("the restarted head's fallback proxy UP in the worker's HAProxy",
+                 lambda: cluster.fallback_up(worker), RECOVERY_TIMEOUT_S, 0.5)
+        fallback_at = time.monotonic()
 
         # A config change after the recovery: iris version 2, PUT as the operator does.
         train_model("iris", ModelStore(str(cluster.store)), version="2", C=0.5)
@@ -92,10 +102,13 @@ def test_with_redis_the_workers_serve_through_a_head_loss_and_serve_recovers(clu
         next(m for m in changed["applications"][0]["args"]["models"] if m["name"] == "iris")["version"] = "2"
         put_at = time.monotonic()
         cluster.deploy(changed)
-        wait_for("iris version 2 answering through the worker",
-                 lambda: len(load.outcomes) > 20 and all(
-                     o.ok and o.body["model_version"] == "2" for o in load.outcomes[-20:]),
-                 2 * RECOVERY_TIMEOUT_S, 0.5)
+
+        def rolled_out() -> bool:  # no old ingress replica left RUNNING, and iris v2 answering
+            ingress = replica_ids(cluster)[INGRESS]
+            return (bool(ingress) and not ingress & replicas_before[INGRESS] and len(load.outcomes) > 20
+                    and all(o.ok and o.body["model_version"] == "2" for o in load.outcomes[-20:]))
+
+        wait_for("iris version 2 rolled out through the worker", rolled_out, 2 * RECOVERY_TIMEOUT_S, 0.5)
         changed_at = time.monotonic()
         time.sleep(2)
 
@@ -104,14 +117,16 @@ def test_with_redis_the_workers_serve_through_a_head_loss_and_serve_recovers(clu
     failed_down = [o for o in down if not o.ok]
     versions = [o.body["model_version"] for o in after_back if o.ok]
     rollout = [o for o in after_back if put_at <= o.at < changed_at]
+    failed_rollout = [o for o in rollout if not o.ok]
     print(f"\nhead loss with Redis: head down {restarted_at - killed_at:.1f} s; controller back with the same "
           f"apps {back_at - restarted_at:.1f} s after the restart ({back_at - killed_at:.1f} s after the kill); "
-          f"{len(failed_down)}/{len(down)} requests failed through the worker meanwhile; after it "
+          f"{len(failed_down)}/{len(down)} requests failed through the worker meanwhile; the head's fallback "
+          f"proxy UP in the worker's HAProxy {fallback_at - back_at:.1f} s after that; after it "
           f"{sum(not o.ok for o in after_back if o.at < put_at)}/{sum(o.at < put_at for o in after_back)} failed "
-          f"before the config change, {sum(not o.ok for o in rollout)}/{len(rollout)} during its rollout "
+          f"before the config change, {len(failed_rollout)}/{len(rollout)} during its rollout "
           f"(statuses {sorted({o.status for o in rollout if not o.ok})}), "
           f"{sum(not o.ok for o in load.since(changed_at))}/{len(load.since(changed_at))} after it; "
-          f"iris v2 served {changed_at - put_at:.1f} s after the PUT")
+          f"rolled out (iris v2 answering, no v1 ingress replica running) {changed_at - put_at:.1f} s after the PUT")
     assert len(failed_down) <= 0.01 * len(down), failed_down[:5]
     assert versions[0] == "1" and versions[-1] == "2"
     # Recovered, not redeployed: the same applications and configs, the same replicas, on the
@@ -121,11 +136,10 @@ def test_with_redis_the_workers_serve_through_a_head_loss_and_serve_recovers(clu
     assert after["controller_info"]["node_id"] != before["controller_info"]["node_id"]
     assert workers_before <= {n["node_id"] for n in cluster.alive_nodes()}
     # After the recovery every request is answered, before the config change and once it has rolled
-    # out. During the rollout itself most requests through the worker fail with 500 (Ray's own
-    # answer, not the app's): issue 20 asks none, this is still open, so it is printed above and
-    # recorded in docs/reliability-security.md#head-node-loss, not asserted.
+    # out, and during the rollout no more than 1 % fail.
     settled = [o for o in after_back if o.at < put_at or o.at >= changed_at]
     assert settled and all(o.ok for o in settled), [o for o in settled if not o.ok][:5]
+    assert rollout and len(failed_rollout) <= 0.01 * len(rollout), (len(failed_rollout), failed_rollout[:5])
 
 
 def test_without_redis_a_restarted_head_forgets_serve_and_the_workers(cluster):
