@@ -463,7 +463,7 @@ def test_the_grpc_port_is_the_serve_configs_and_kuberay_puts_it_on_the_serve_ser
     config = yaml.safe_load(rayservice(variant)["spec"]["serveConfigV2"])
     grpc_options = config["grpc_options"]
     assert grpc_options["grpc_servicer_functions"] == [
-        "serve_app.grpc.servicer.add_inference_service_to_server"]
+        "serve_app.grpc.service.add_inference_service_to_server"]
     for name, template in ray_pod_templates(rayservice(variant)).items():
         ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0].get("ports", [])}
         assert ports.get("serve-grpc") == grpc_options["port"], name

@@ -20,13 +20,12 @@ import grpc
 
 from serve_app.codecs import v2, v2_proto
 from serve_app.deployments.reloads import RELOAD_TIMEOUT_S
-from google.protobuf.message import DecodeError
 
 from serve_app.errors import BadInput, ModelNotFoundError, PayloadTooLarge
 from serve_app.grpc import open_inference_grpc_pb2 as pb
+from serve_app.grpc.service import RPCS, SERVICE, UnreadableMessage
 from serve_app.lifecycle import RequestRefused, RequestScope
 
-SERVICE = "inference.GRPCInferenceService"
 # The lifecycle's HTTP statuses as gRPC status codes (https://grpc.io/docs/guides/status-codes/).
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                 403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
@@ -83,48 +82,6 @@ class GrpcCall:
 
 
 Work = Callable[[RequestScope, GrpcCall], Awaitable[None]]
-
-
-class UnreadableMessage:
-    """What a request's bytes became when they are no valid message of the RPC's request type.
-
-    gRPC's server would answer a deserializer's exception with UNKNOWN before any code of
-    ours runs; this stands in for the message instead, and the RPC refuses it with
-    INVALID_ARGUMENT naming the problem (it crosses Ray's handles, so it pickles)."""
-
-    def __init__(self, type_name: str, error: str):
-        self.type_name, self.error = type_name, error
-
-
-def _reader(message_type: type) -> Callable[[bytes], Any]:
-    def read(data: bytes) -> Any:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as exc:
-            return UnreadableMessage(message_type.DESCRIPTOR.full_name, str(exc))
-    return read
-
-
-# Every RPC of the service: its request and response messages.
-RPCS = {"ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
-        "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
-        "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
-        "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-        "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-        "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
-        "RepositoryIndex": (pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
-        "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse)}
-
-
-def add_inference_service_to_server(servicer: Any, server: Any) -> None:
-    """The service's handlers (``grpc_servicer_functions`` in the Serve config): the generated
-    ``add_GRPCInferenceServiceServicer_to_server``, but with request readers that never raise
-    (:class:`UnreadableMessage`)."""
-    handlers = {rpc: grpc.unary_unary_rpc_method_handler(getattr(servicer, rpc), request_deserializer=_reader(request),
-                                                         response_serializer=response.SerializeToString)
-                for rpc, (request, response) in RPCS.items()}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 class InferenceServicer:
