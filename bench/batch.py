@@ -180,13 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from serve_app.scoring import DEFAULT_BATCH_ROWS
-    from serve_app.tools.train import train_model
+    from serve_app.tools.train import ensure_models, train_model
 
     batch_rows = args.batch_rows or DEFAULT_BATCH_ROWS
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     try:
         store = ModelStore(str(work / "model_store"))
         train_model(args.model, store)
+        if not args.no_http:
+            ensure_models(store)  # every model the shipped config serves
         source = work / "table.parquet"
         generate(source, args.model, args.rows)
         samples: dict[str, list[dict]] = {}
@@ -200,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 with local_ray(work, head_cpus, workers, args.worker_cpus) as (address, started_s):
                     cell = score_cell(store, args.model, source, work / "out", address, batch_rows)
                 samples.setdefault(name, []).append({**cell, "cluster_start_s": started_s})
+                print(f"  {name}: {cell['rows_per_s']:,.0f} rows/s", flush=True)
             if not args.no_http:
                 for name, rate in http_cells(Path(store.uri), args.model, work, args.connections,
                                              args.http_seconds).items():

@@ -46,8 +46,8 @@ ON_ERROR = ("fail", "continue")
 # `serve-app score`'s --model, --input and --output when they are not given (the RayJob sets them).
 SCORE_ENV = {"model": "SERVE_APP_SCORE_MODEL", "input": "SERVE_APP_SCORE_INPUT", "output": "SERVE_APP_SCORE_OUTPUT"}
 SCORE_OUTPUTS = ("predict", "predict_proba")
+READ_TASKS = 2  # files read at once: a task of no CPU is otherwise unbounded (a process each)
 DEFAULT_BATCH_ROWS = 65536  # a pipeline call costs ~10 ms whatever its rows: few, large calls
-ROWS_PER_OUTPUT_FILE = 1 << 20
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 # The position columns the read tasks add; never written to the output.
 FILE_COLUMN, ROW_COLUMN = "_file", "_row"
@@ -420,7 +420,8 @@ def scored_dataset(model: str, input, *, version: str | None = None, store: str 
         # waited for one would never run (a 1-CPU worker deadlocked with 0.5). Reads are light
         # beside scoring, and Ray Data's memory budget still paces them.
         dataset = dataset.map_batches(_read_files, fn_args=(fs, files, fmt, batch_rows, text), batch_size=1,
-                                      batch_format="pyarrow", num_cpus=0)
+                                      batch_format="pyarrow", num_cpus=0,
+                                      compute=ray.data.TaskPoolStrategy(size=READ_TASKS))
         # One block per batch, not one per file: each block goes to one scoring actor, and a
         # file read as one block (Ray Data merges a task's output up to its block size, 128 MiB
         # by default) would be scored by one actor while the others wait.
@@ -471,7 +472,7 @@ def score(model: str, input, output: str | None = None, *, version: str | None =
     fs, path = filesystem(output)
     failure = None
     try:
-        _write(dataset, fs, path, output)
+        _write(dataset, fs, path, output, batch_rows)
     except Exception as exc:  # a refused row ends the run through Ray Data's own error
         failure = exc
     seconds = time.perf_counter() - started
@@ -484,17 +485,18 @@ def score(model: str, input, output: str | None = None, *, version: str | None =
     return ScoreSummary(output, errors if failed else None, scored, failed, seconds, startup)
 
 
-def _write(dataset, fs, path: str, output: str) -> None:
+def _write(dataset, fs, path: str, output: str, batch_rows: int) -> None:
     from ray.data import SaveMode  # on demand, as ray above
 
     # S3 has no folders: Arrow's create_dir there PUTs a zero-byte "<output>/" marker object,
     # which a reader listing the output's keys takes for an empty Parquet file. Ray Data skips
     # it for s3:// paths, but ``path`` carries no scheme (the file system is given): say so.
     create_dir = not isinstance(fs, pafs.S3FileSystem)
-    # Writing asks for no CPU, as reading: the scoring actors hold every core. Output files
-    # gather the small blocks, not one file per batch.
-    options = dict(filesystem=fs, mode=SaveMode.OVERWRITE, try_create_dir=create_dir,
-                   min_rows_per_file=ROWS_PER_OUTPUT_FILE, ray_remote_args={"num_cpus": 0})
+    # Writing asks for no CPU, as reading: the scoring actors hold every core. Two write tasks
+    # at most (a task of no CPU is otherwise unbounded, and each new one may start a worker
+    # process), a few batches per file.
+    options = dict(filesystem=fs, mode=SaveMode.OVERWRITE, try_create_dir=create_dir, ray_remote_args={"num_cpus": 0},
+                   concurrency=2, min_rows_per_file=4 * batch_rows)
     if output.lower().endswith(".csv"):
         dataset.write_csv(path, **options)
     else:
