@@ -130,20 +130,31 @@ def local_ray(work: Path, head_cpus: int, workers: int = 0, worker_cpus: int = 1
         log.close()
 
 
-def score_cell(store: ModelStore, model: str, source: Path, out: Path, address: str, batch_rows: int) -> dict:
-    """One run of serve_app.scoring.score attached to ``address``; rows/s without start-up."""
+def score_cell(store: ModelStore, model: str, sources: tuple[Path, Path], out: Path, address: str,
+               batch_rows: int) -> dict:
+    """serve_app.scoring.score attached to ``address`` on the whole table, then on its first half:
+    rows/s of the whole run (start-up of the cluster and the connection excluded) and, from the
+    difference, the steady rate and the run's fixed cost (the scoring actors' start and model
+    load, the pipeline's fill and drain)."""
     import ray
+    import pyarrow.parquet as pq
 
     from serve_app import scoring
 
+    runs = []
     try:
-        summary = scoring.score(model, str(source), str(out), store=store.uri, address=address,
-                                batch_rows=batch_rows, outputs=("predict", "predict_proba"))
+        for source in sources:
+            summary = scoring.score(model, str(source), str(out), store=store.uri, address=address,
+                                    batch_rows=batch_rows, outputs=("predict", "predict_proba"))
+            assert summary.failed == 0, summary
+            runs.append(summary)
     finally:
         ray.shutdown()
-    assert summary.failed == 0, summary
-    return {"rows_per_s": summary.rows_per_second, "seconds": summary.seconds,
-            "connect_s": summary.startup_seconds, "rows": summary.rows}
+    whole, half = runs
+    rows_half = pq.ParquetFile(sources[1]).metadata.num_rows
+    steady = (whole.rows - rows_half) / max(whole.seconds - half.seconds, 1e-9)
+    return {"rows_per_s": whole.rows_per_second, "seconds": whole.seconds, "connect_s": whole.startup_seconds,
+            "rows": whole.rows, "steady_rows_per_s": steady, "fixed_s": whole.seconds - whole.rows / steady}
 
 
 def http_cells(store_path: Path, model: str, work: Path, connections: int, seconds: float) -> dict[str, float]:
@@ -189,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         train_model(args.model, store)
         if not args.no_http:
             ensure_models(store)  # every model the shipped config serves
-        source = work / "table.parquet"
+        source, half = work / "table.parquet", work / "half.parquet"
         generate(source, args.model, args.rows)
+        generate(half, args.model, args.rows // 2)
         samples: dict[str, list[dict]] = {}
         cores = os.cpu_count() or 1
         shapes = {"score, 1 node": (cores, 0), "score, 1 worker": (0, 1), "score, 2 workers": (0, 2)}
@@ -200,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                 {"rows_per_s": scorer_in_process(store, args.model, source, batch_rows)})
             for name, (head_cpus, workers) in shapes.items():
                 with local_ray(work, head_cpus, workers, args.worker_cpus) as (address, started_s):
-                    cell = score_cell(store, args.model, source, work / "out", address, batch_rows)
+                    cell = score_cell(store, args.model, (source, half), work / "out", address, batch_rows)
                 samples.setdefault(name, []).append({**cell, "cluster_start_s": started_s})
-                print(f"  {name}: {cell['rows_per_s']:,.0f} rows/s", flush=True)
+                print(f"  {name}: {cell['rows_per_s']:,.0f} rows/s; steady {cell['steady_rows_per_s']:,.0f} rows/s, "
+                      f"fixed {cell['fixed_s']:.1f} s", flush=True)
             if not args.no_http:
                 for name, rate in http_cells(Path(store.uri), args.model, work, args.connections,
                                              args.http_seconds).items():
@@ -213,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     cells = {name: {"rows_per_s": spread([c["rows_per_s"] for c in values]),
-                    **({"startup_s": spread([c["cluster_start_s"] + c["connect_s"] for c in values])}
+                    **({"startup_s": spread([c["cluster_start_s"] + c["connect_s"] for c in values]),
+                        "steady_rows_per_s": spread([c["steady_rows_per_s"] for c in values]),
+                        "fixed_s": spread([c["fixed_s"] for c in values])}
                        if "connect_s" in values[0] else {})}
              for name, values in samples.items()}
     limit = cells["in-process"]["rows_per_s"]["median"]
@@ -231,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.rows:,} rows of {args.model}, medians of {args.rounds} round(s) (min-max):")
     for name, cell in cells.items():
         rate = cell["rows_per_s"]
-        extra = f"  start-up {cell['startup_s']['median']:.1f} s" if "startup_s" in cell else ""
+        extra = (f"  start-up {cell['startup_s']['median']:.1f} s; steady {cell['steady_rows_per_s']['median']:,.0f} "
+                 f"rows/s ({cell['steady_rows_per_s']['median'] / limit / cpus[name]:.2f}x per core), fixed "
+                 f"{cell['fixed_s']['median']:.1f} s" if "startup_s" in cell else "")
         per_core = f", {cell['per_core_vs_in_process']:.2f}x per core" if "per_core_vs_in_process" in cell else ""
         print(f"  {name:18} {rate['median']:>12,.0f} rows/s ({rate['min']:,.0f}-{rate['max']:,.0f})  "
               f"{cell['vs_in_process']:.2f}x in-process{per_core}{extra}")
