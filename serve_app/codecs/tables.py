@@ -118,9 +118,9 @@ def typical_row(meta: ModelMetadata) -> ModelInput:
 def typed_column(feature: Feature, values: Any, accepts_missing: bool, allow_unknown: bool,
                  what: str) -> np.ndarray:
     """One column's values as a 1-D array of the feature's type, or a BadInput saying why."""
-    array = _one_dimensional(values, what)
+    array, object_kind = _one_dimensional(values, what)
     if feature.is_textual:
-        column = _text(array, what)
+        column = _text(array, object_kind, what)
     elif feature.dtype == "bool":
         column = _booleans(array, what)
     else:
@@ -134,7 +134,9 @@ def typed_column(feature: Feature, values: Any, accepts_missing: bool, allow_unk
     return column
 
 
-def _one_dimensional(values: Any, what: str) -> np.ndarray:
+def _one_dimensional(values: Any, what: str) -> tuple[np.ndarray, str | None]:
+    """The values as a 1-D array, and for an object array the kind of its values (pandas'
+    ``infer_dtype``), inferred once for the column's checks."""
     if isinstance(values, np.ndarray):
         array = values
     else:
@@ -151,18 +153,19 @@ def _one_dimensional(values: Any, what: str) -> np.ndarray:
                 array[:] = list(values)
     if array.ndim == 2 and array.shape[1] == 1:  # V2's [N, 1]
         array = array.reshape(-1)
-    if array.ndim != 1 or (array.dtype.kind == "O" and _object_kind(array) not in _FLAT_KINDS
+    object_kind = _object_kind(array) if array.ndim == 1 and array.dtype.kind == "O" else None
+    if array.ndim != 1 or (object_kind is not None and object_kind not in _FLAT_KINDS
                            and any(isinstance(v, (list, dict, tuple)) for v in array)):
         raise BadInput(f"{what}: expected one value per row, got nested values", "wrong_shape")
-    return array
+    return array, object_kind
 
 
-def _text(array: np.ndarray, what: str) -> np.ndarray:
+def _text(array: np.ndarray, object_kind: str | None, what: str) -> np.ndarray:
     kind = array.dtype.kind
     if kind == "U":
         return array.astype(object)
     if kind == "O":
-        if _object_kind(array) in ("string", "empty"):
+        if object_kind in ("string", "empty"):
             column = array.copy()
             column[_pandas().isna(array)] = np.nan  # None (a JSON null, an Arrow null) is missing
             return column
@@ -241,11 +244,11 @@ def _missing_mask(column: np.ndarray) -> np.ndarray | None:
 
 
 def _check_categories(column: np.ndarray, missing: np.ndarray | None, feature: Feature, what: str) -> None:
-    known = _pandas().Series(column, dtype=object, copy=False).isin(feature.categories).to_numpy()
-    if missing is not None:
-        known = known | missing
-    if not known.all():
-        values = list(dict.fromkeys(column[~known].tolist()))
+    allowed = set(feature.categories)
+    unseen = [v for i, v in enumerate(column.tolist())
+              if not (missing is not None and missing[i]) and v not in allowed]
+    if unseen:
+        values = list(dict.fromkeys(unseen))
         raise BadInput(f"{what}: {_quote(values)} never seen in training; allowed values: "
                        f"{list(feature.categories)}", "unknown_category")
 
