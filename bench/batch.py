@@ -132,7 +132,7 @@ def local_ray(work: Path, head_cpus: int, workers: int = 0, worker_cpus: int = 1
 
 def score_cell(store: ModelStore, model: str, sources: tuple[Path, Path], out: Path, address: str,
                batch_rows: int) -> dict:
-    """serve_app.scoring.score attached to ``address`` on the whole table, then on its first half:
+    """serve_app.scoring.score attached to ``address`` on the whole table, then on one of half its rows:
     rows/s of the whole run (start-up of the cluster and the connection excluded) and, from the
     difference, the steady rate and the run's fixed cost (the scoring actors' start and model
     load, the pipeline's fill and drain)."""
