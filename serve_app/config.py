@@ -258,3 +258,43 @@ class AppConfig(BaseModel):
         if dupes:
             raise ValueError(f"models declared twice: {dupes}")
         return models
+
+
+# What a rollout may change of a declared model: what it serves and how it batches.
+ROLLOUT_FIELDS = frozenset({"version", "versions", "traffic", "shadow", "max_batch_size", "batch_wait_timeout_s",
+                            "inline_below_ms", "drift", "timeout_s"})
+
+
+class Rollout(BaseModel):
+    """The ingress's ``user_config`` (``ModelServer`` in the config's ``deployments``): per
+    in-process model of ``args.models``, serving fields that replace the declared ones.
+
+    Why beside ``args``: Serve rebuilds the whole application when ``args`` change (every
+    replica restarts, and while the build runs each node's HAProxy has only the head's fallback
+    proxy), but applies a changed ``user_config`` to the running replicas (``reconfigure``).
+    So a version rollout, a canary split or a batching change made here reaches clients with no
+    restart and no detour (docs/configuration.md#rollouts).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: dict[str, dict] = Field(
+        default_factory=dict, description="model name -> the fields to serve it by, of "
+        f"{sorted(ROLLOUT_FIELDS)}, e.g. {{'iris': {{'version': '2'}}}}")
+
+    def specs(self, config: AppConfig) -> list[ModelSpec]:
+        """``config.models`` with these fields in; ValueError naming what cannot be applied."""
+        declared = {spec.name: spec for spec in config.models}
+        for name, fields in self.models.items():
+            spec = declared.get(name)
+            if spec is None:
+                raise ValueError(f"user_config: model {name!r} is not in args.models {sorted(declared)}")
+            if spec.dedicated:
+                raise ValueError(f"user_config: model {name!r} is dedicated: its versions are its deployment's "
+                                 "(change them in args)")
+            unknown = sorted(set(fields) - ROLLOUT_FIELDS)
+            if unknown:
+                raise ValueError(f"user_config: model {name!r}: {unknown} cannot change without a restart; "
+                                 f"these can: {sorted(ROLLOUT_FIELDS)}")
+            declared[name] = ModelSpec.model_validate({**spec.model_dump(), **fields})
+        return list(declared.values())

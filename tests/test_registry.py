@@ -9,7 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from serve_app.config import AppConfig, ModelSpec
+from serve_app.config import AppConfig, ModelSpec, Rollout
 from serve_app.errors import ModelNotFoundError
 from serve_app.metadata import ModelMetadata
 from serve_app.serving import registry as registry_module
@@ -146,6 +146,38 @@ def test_reload_resolves_latest_again_and_swaps_the_workers(tmp_path):
     answer = run(reload_and_predict())
     assert registry.known("iris") is not before and answer.version == "2"
     assert before.default._closed and not registry.known("iris").default._closed
+
+
+def test_a_rollout_reopens_only_the_models_whose_spec_changed_and_a_bad_one_keeps_serving(store):
+    registry = registry_for(store, [{"name": "iris", "version": "1"}, {"name": "diabetes"}])
+    config, diabetes = registry.config, registry.known("diabetes")
+    specs = Rollout.model_validate({"models": {"iris": {"version": "2", "max_batch_size": 8}}}).specs(config)
+    assert run(registry.respecify(specs)) == {}
+    iris = registry.known("iris")
+    assert iris.default.meta.version == "2" and iris.default.spec.max_batch_size == 8
+    assert registry.known("diabetes") is diabetes  # unchanged: not reopened
+
+    missing = Rollout.model_validate({"models": {"iris": {"version": "9"}}}).specs(config)
+    errors = run(registry.respecify(missing))
+    assert list(errors) == ["iris"] and "9" in errors["iris"]
+    assert registry.known("iris") is iris  # still serving version 2
+
+    run(registry.respecify(Rollout().specs(config)))  # the override removed: back to args' version 1
+    assert registry.known("iris").default.meta.version == "1"
+
+
+@pytest.mark.parametrize("user_config, message", [
+    ({"models": {"tulip": {"version": "2"}}}, "not in args.models"),
+    ({"models": {"diabetes": {"version": "2"}}}, "dedicated"),
+    ({"models": {"iris": {"store": "/elsewhere"}}}, "cannot change without a restart"),
+    ({"models": {"iris": {"traffic": {"1": 50, "2": 40}}}}, "sum to 90"),
+    ({"model": {}}, "Extra inputs"),
+])
+def test_a_rollout_that_cannot_apply_is_refused_with_the_reason(store, user_config, message):
+    config = AppConfig.model_validate({"store": store.uri, "train_if_missing": False,
+                                       "models": [{"name": "iris"}, {"name": "diabetes", "dedicated": True}]})
+    with pytest.raises(ValueError, match=message):
+        Rollout.model_validate(user_config).specs(config)
 
 
 def iris_row(worker: Worker) -> ModelInput:

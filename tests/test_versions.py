@@ -311,3 +311,44 @@ def test_changing_the_split_under_load_loses_no_request(serve_cluster, fleet):
     versions = [fleet.post("/v2/models/iris/infer", json=body).json()["model_version"] for _ in range(400)]
     sd = (400 * 0.25) ** 0.5
     assert abs(versions.count("2") - 200) < 4.5 * sd, versions.count("2")
+
+
+def test_a_rollout_through_user_config_changes_the_running_replica_in_place(serve_cluster, fleet):
+    """The split changed through the ingress's ``user_config`` (serve_app.config.Rollout), not
+    its args: Serve reconfigures the running ingress replica instead of rebuilding the
+    application. Under steady load no request fails, the replica is the same one, and the new
+    split serves; an empty ``models`` brings back what args declare."""
+    def put_rollout(models: dict) -> None:
+        config = copy.deepcopy(serve_cluster.config)
+        app = next(a for a in config["applications"] if a["name"] == "fleet")
+        next(d for d in app["deployments"] if d["name"] == "ModelServer")["user_config"] = {"models": models}
+        with serve_cluster.serve_api() as api:
+            assert api.put("/api/serve/applications/", json=config).status_code == 200
+
+    def ingress_replicas() -> set[str]:
+        with serve_cluster.serve_api() as api:
+            deployments = api.get("/api/serve/applications/").json()["applications"]["fleet"]["deployments"]
+        return {r["replica_id"] for r in deployments["ModelServer"]["replicas"] if r["state"] == "RUNNING"}
+
+    def share_of_2() -> float:
+        index = fleet.get("/v2/repository/index").json()
+        return next(e for e in index if (e["name"], e["version"]) == ("iris", "2"))["traffic_percent"]
+
+    declared = share_of_2()
+    before = ingress_replicas()
+    body = v2_body(IRIS_ROWS[:1], ("predict",))
+    with SteadyLoad(serve_cluster.url + FLEET, "/v2/models/iris/infer", body) as load:
+        time.sleep(1)
+        put_rollout({"iris": {"version": "1", "traffic": {"1": 10, "2": 90}}})
+        wait_for("the user_config split", lambda: share_of_2() == 90.0, timeout=120)
+        time.sleep(1)
+    failures = [o for o in load.outcomes if not o.ok]
+    assert len(load.outcomes) > 50 and failures == [], failures[:5]
+    assert ingress_replicas() == before
+    versions = [fleet.post("/v2/models/iris/infer", json=body).json()["model_version"] for _ in range(400)]
+    sd = (400 * 0.09) ** 0.5
+    assert abs(versions.count("2") - 360) < 4.5 * sd, versions.count("2")
+
+    put_rollout({})
+    wait_for("the args' split again", lambda: share_of_2() == declared, timeout=120)
+    assert ingress_replicas() == before

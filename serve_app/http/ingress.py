@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from serve_app import __version__
 from serve_app.codecs import mlflow, v1, v2
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, Rollout
 from serve_app.deployments.handles import DEPLOYMENT_OPTIONS
 from serve_app.deployments.placement import DeploymentPlacement
 from serve_app.deployments.reloads import RELOAD_TIMEOUT_S, ReloadWatcher, request_reload
@@ -96,6 +96,18 @@ class ModelServer(InferenceServicer):
             logger.warning("no SERVE_APP_API_TOKEN: the model and admin endpoints (reload) are open")
         self.lifecycle = RequestLifecycle(self.registry, self.config.access_log, token, self.config.admission)
         self._limit = self.config.max_request_bytes
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this with ``ModelServer``'s ``user_config`` at start and whenever it
+        changes: a rollout without a restart (:class:`serve_app.config.Rollout`). What cannot
+        be applied is logged and the models serve as they were: raising would stop the replica."""
+        try:
+            specs = Rollout.model_validate(user_config or {}).specs(self.config)
+        except ValueError as exc:
+            logger.error("user_config not applied: %s", exc)
+            return
+        for name, error in (await self.registry.respecify(specs)).items():
+            logger.error("user_config: model %r keeps serving as it was: %s", name, error)
 
     def __serve_build_asgi_app__(self):
         """This replica's ASGI app (Serve calls it once, after ``__init__``)."""

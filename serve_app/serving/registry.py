@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from typing import Protocol
+from typing import Iterable, Protocol
 
 from serve_app.config import AppConfig, ModelSpec
 from serve_app.errors import ModelNotFoundError, ModelTooLarge, ReloadFailed
@@ -165,10 +165,7 @@ class ModelRegistry:
         """Reload ``name`` from the store (``latest`` resolved again); requests in flight
         finish on the old workers."""
         if name in self.declared:
-            spec = self._specs[name]
-            fresh = await asyncio.to_thread(self._open, spec)
-            old, self.declared[name] = self.declared[name], fresh
-            close_later(old.by_version.values(), spec.timeout_s)
+            await self._reopen(self._specs[name])
         else:
             self._absent.pop(name, None)  # a lookup that found nothing a moment ago runs again
             if name not in self._tail:
@@ -179,6 +176,27 @@ class ModelRegistry:
                 self._tail[name] = await self._open_tail(name)
             except (ModelNotFoundError, ReloadFailed, ModelTooLarge):
                 self._tail.pop(name, None)  # the next request looks it up again and says why
+
+    async def respecify(self, specs: Iterable[ModelSpec]) -> dict[str, str]:
+        """Serve the declared models by ``specs`` (the ingress's ``user_config``,
+        :class:`serve_app.config.Rollout`): each whose spec changed opens again as a reload
+        would (``latest`` resolved again; requests in flight finish on the old workers), as a
+        redeploy would open it, without a restart. A model that cannot open keeps serving as
+        it was: raising here would make Serve stop the replica. Returns the errors by model."""
+        errors = {}
+        for spec in specs:
+            if self._specs.get(spec.name) in (None, spec):
+                continue
+            try:
+                await self._reopen(spec)
+            except Exception as exc:  # any failure to open leaves the model serving as it was
+                errors[spec.name] = f"{type(exc).__name__}: {exc}"
+        return errors
+
+    async def _reopen(self, spec: ModelSpec) -> None:
+        fresh = await asyncio.to_thread(self._open, spec)
+        old, self.declared[spec.name], self._specs[spec.name] = self.declared[spec.name], fresh, spec
+        close_later(old.by_version.values(), spec.timeout_s)
 
     # -- the repository index ------------------------------------------------------------------
     async def index(self) -> list[dict]:
