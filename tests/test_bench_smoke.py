@@ -28,7 +28,9 @@ def test_harness_runs_every_peer_and_writes_results_table_and_plot(tmp_path):
         message = "no MLServer in bench/.mlserver-venv (make bench-peers creates it)"
         pytest.fail(message + ", but CI must run this test") if IN_CI else pytest.skip(message)
     out = tmp_path / "results"
-    servers = ("ours", "serve-minimal", "fastapi", "fastapi-1", "mlserver")
+    # serve-minimal is left out: it starts a second Ray the way "ours" does (bench/launch.py),
+    # about a minute of the suite for no path that "ours" does not take.
+    servers = ("ours", "fastapi", "fastapi-1", "mlserver")
     command = [sys.executable, "-m", "bench.harness", "--servers", ",".join(servers), "--rounds", "1",
                "--workloads", "xgb-1,xgb-1000-binary,churn-1000,grpc-1", "--concurrency", "2", "--lever-concurrency", "2",
                "--levers", "npy", "--duration", "1", "--warmup", "0", "--limit-seconds", "0.3", "--out", str(out)]
@@ -63,7 +65,7 @@ def test_harness_runs_every_peer_and_writes_results_table_and_plot(tmp_path):
     assert replicas + 1 <= memory["fastapi"]["processes"] <= replicas + 2
     assert memory["fastapi-1"]["processes"] == 1
     assert memory["mlserver"]["processes"] >= replicas + 1
-    assert memory["ours"]["processes"] > memory["serve-minimal"]["processes"] - 3  # a whole Ray each
+    assert memory["ours"]["processes"] > memory["mlserver"]["processes"]  # a whole Ray
     assert memory["ours"]["rss_mb"] > memory["fastapi"]["rss_mb"] > 0
     assert cells[("fastapi", "xgb-1", 2)]["x_fastapi"] == 1.0
     assert "x_fastapi" in cells[("ours", "xgb-1", 2)] and "x_in_process" in cells[("ours", "xgb-1000-binary", 2)]
