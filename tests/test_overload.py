@@ -43,15 +43,17 @@ SIZED, OVERLOAD = 32, 1000  # clients: what two ingress replicas are sized for, 
 WARMUP_S, MEASURE_S = 2, 6  # h2load's warm-up (1,000 connections opening at once), then the window
 CLIENT_TIMEOUT_S = 5.0  # an answer later than this counts as a socket timeout
 MAIN = {"application": "models"}  # the session cluster runs three applications
+RAY_WORKER_NICENESS = 15  # Ray 2.60's default worker_niceness (the raylet's config)
 FAILED = {"-1", "0"}  # h2load's status of a request that got no answer (a failed stream, a closed connection)
 # Goodput at OVERLOAD over the SIZED throughput. Issue 20 asks 0.7; on a nearly quiet 2-core machine
 # this design measured 0.42-0.54 (HTTP; docs/reliability-security.md). The floor catches a collapse
 # (0.19-0.35 beside other test runs); 0.7 is still open.
 GOODPUT_FLOOR = 0.35
-# The accepted requests' p99 at OVERLOAD. Issue 20 asks 1 s for both: HTTP measured 0.68-1.08 s (the
-# last in a whole-suite CI run), gRPC, whose calls cost the replica several times an HTTP one, 1.66 s.
-# Still open; these bounds catch a queue that grows with the clients (p99 1.4-2.9 s before shedding).
-ACCEPTED_P99_S = {"v2": 1.5, "grpc": 2.5}
+# The accepted requests' p99 at OVERLOAD. Issue 20 asks 1 s for both: HTTP holds it (0.45-0.59 s
+# since h2load runs at the server's niceness); gRPC, whose calls cost the replica about twice an
+# HTTP one, measured 1.2-1.6 s: still open, the bound catches a queue that grows with the clients
+# (p99 1.4-2.9 s before shedding).
+ACCEPTED_P99_S = {"v2": 1.0, "grpc": 2.5}
 
 
 # -- admission, without Ray ----------------------------------------------------------------------
@@ -181,16 +183,25 @@ def h2load(url: str, request, connections: int, folder: Path, *, h1: bool, extra
     body, log = folder / "body", folder / f"h2load-{connections}.log"
     body.write_bytes(request.body)
     log.unlink(missing_ok=True)
-    command = [require_tool("h2load"), "-c", str(connections), "-m", "1", "-t", "2", "-D", str(MEASURE_S),
+    # h2load runs at the niceness Ray gives its workers (the replicas, their HAProxy): on the two
+    # cores it shares with the server it competes with it as an equal. At niceness 0 it was served
+    # first, which no remote client is (accepted p99 0.68-1.08 s against 0.45-0.59 s).
+    command = ["nice", "-n", str(RAY_WORKER_NICENESS), require_tool("h2load"),
+               "-c", str(connections), "-m", "1", "-t", "2", "-D", str(MEASURE_S),
                "--warm-up-time", str(WARMUP_S), "-d", str(body), f"--log-file={log}", *(["--h1"] if h1 else [])]
     for key, value in {**request.headers, **(extra_headers or {})}.items():
         command += ["-H", f"{key}: {value}"]
-    out = subprocess.run([*command, url + request.path], capture_output=True, text=True,
-                         timeout=WARMUP_S + MEASURE_S + 60)
-    assert out.returncode == 0 and log.exists(), out.stdout[-800:] + out.stderr[-800:]
+    # h2load's output goes to a file: read from a pipe while it runs, it cost this process half a
+    # core (poll woken over and over) on the cores the server runs on.
+    output = folder / f"h2load-{connections}.out"
+    with output.open("w") as sink:
+        run = subprocess.run([*command, url + request.path], stdout=sink, stderr=subprocess.STDOUT,
+                             timeout=WARMUP_S + MEASURE_S + 60)
+    out = output.read_text()
+    assert run.returncode == 0 and log.exists(), out[-1600:]
     rows = [(int(s) / 1e6, status, int(us) / 1e6) for s, status, us, *_ in
             (line.split("\t") for line in log.read_text().splitlines())]
-    summary = next(line for line in out.stdout.splitlines() if line.startswith("requests:"))
+    summary = next(line for line in out.splitlines() if line.startswith("requests:"))
     counts = {name: int(n) for n, name in (part.strip().split(" ", 1) for part in summary[9:].split(",")
                                           if part.strip().split(" ", 1)[0].isdigit())}
     return Run(rows, counts.get("errored", 0) + counts.get("timeout", 0))
