@@ -152,9 +152,14 @@ def score_cell(store: ModelStore, model: str, sources: tuple[Path, Path], out: P
         ray.shutdown()
     whole, half = runs
     rows_half = pq.ParquetFile(sources[1]).metadata.num_rows
-    steady = (whole.rows - rows_half) / max(whole.seconds - half.seconds, 1e-9)
+    # The slope is only a measurement when the half table took clearly less time: on two shared
+    # cores one run's noise can exceed the other run's rows (an 8M-row round measured the half
+    # table slower than the whole). Then there is none.
+    extra_s = whole.seconds - half.seconds
+    steady = (whole.rows - rows_half) / extra_s if extra_s > 0.2 * whole.seconds else None
     return {"rows_per_s": whole.rows_per_second, "seconds": whole.seconds, "connect_s": whole.startup_seconds,
-            "rows": whole.rows, "steady_rows_per_s": steady, "fixed_s": whole.seconds - whole.rows / steady}
+            "rows": whole.rows, "steady_rows_per_s": steady,
+            "fixed_s": None if steady is None else whole.seconds - whole.rows / steady}
 
 
 def http_cells(store_path: Path, model: str, work: Path, connections: int, seconds: float) -> dict[str, float]:
@@ -173,8 +178,19 @@ def http_cells(store_path: Path, model: str, work: Path, connections: int, secon
     return results
 
 
-def spread(values: list[float]) -> dict:
+def spread(values: list[float | None]) -> dict | None:
+    """Median, min and max of the values measured (None: not measured in that round)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def slope_text(steady: float | None, fixed: float | None, per_core_limit: float | None = None) -> str:
+    if steady is None:
+        return " steady: not measurable (the half table took about as long)"
+    per_core = f" ({steady / per_core_limit:.2f}x per core)" if per_core_limit else ""
+    return f" steady {steady:,.0f} rows/s{per_core}, fixed {fixed:.1f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 with local_ray(work, head_cpus, workers, args.worker_cpus) as (address, started_s):
                     cell = score_cell(store, args.model, (source, half), work / "out", address, batch_rows)
                 samples.setdefault(name, []).append({**cell, "cluster_start_s": started_s})
-                print(f"  {name}: {cell['rows_per_s']:,.0f} rows/s; steady {cell['steady_rows_per_s']:,.0f} rows/s, "
-                      f"fixed {cell['fixed_s']:.1f} s", flush=True)
+                print(f"  {name}: {cell['rows_per_s']:,.0f} rows/s;{slope_text(cell['steady_rows_per_s'], cell['fixed_s'])}",
+                      flush=True)
             if not args.no_http:
                 for name, rate in http_cells(Path(store.uri), args.model, work, args.connections,
                                              args.http_seconds).items():
@@ -246,9 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.rows:,} rows of {args.model}, medians of {args.rounds} round(s) (min-max):")
     for name, cell in cells.items():
         rate = cell["rows_per_s"]
-        extra = (f"  start-up {cell['startup_s']['median']:.1f} s; steady {cell['steady_rows_per_s']['median']:,.0f} "
-                 f"rows/s ({cell['steady_rows_per_s']['median'] / limit / cpus[name]:.2f}x per core), fixed "
-                 f"{cell['fixed_s']['median']:.1f} s" if "startup_s" in cell else "")
+        extra = ""
+        if "startup_s" in cell:
+            steady, fixed = cell["steady_rows_per_s"], cell["fixed_s"]
+            extra = f"  start-up {cell['startup_s']['median']:.1f} s;" + slope_text(
+                steady and steady["median"], fixed and fixed["median"], limit * cpus[name])
         per_core = f", {cell['per_core_vs_in_process']:.2f}x per core" if "per_core_vs_in_process" in cell else ""
         print(f"  {name:18} {rate['median']:>12,.0f} rows/s ({rate['min']:,.0f}-{rate['max']:,.0f})  "
               f"{cell['vs_in_process']:.2f}x in-process{per_core}{extra}")
