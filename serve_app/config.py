@@ -189,6 +189,8 @@ class MultiplexSpec(BaseModel):
 
 
 MULTIPLEXED_DEPLOYMENT = "multiplexed-models"
+INGRESS_DEPLOYMENT = "ModelServer"  # the HTTP and gRPC ingress, which hosts the in-process models
+IMPORT_PATH = "serve_app.app:build_app"  # every Serve config's import_path for this package
 # Stored artifact bytes; a loaded model takes about as much memory, more while it loads
 # (docs/many-models.md#memory-of-the-long-tail).
 DEFAULT_MAX_MODEL_BYTES = 256 * 2**20
@@ -298,3 +300,20 @@ class Rollout(BaseModel):
                                  f"these can: {sorted(ROLLOUT_FIELDS)}")
             declared[name] = ModelSpec.model_validate({**spec.model_dump(), **fields})
         return list(declared.values())
+
+
+
+def check_serve_config(document: dict) -> None:
+    """ValueError naming the application whose ``args`` or ingress ``user_config`` this
+    package would not apply. A replica logs a ``user_config`` it cannot apply and keeps serving
+    (:meth:`ModelServer.reconfigure`), so ``make manifests`` checks it before it ships."""
+    for app in document.get("applications") or []:
+        if app.get("import_path") != IMPORT_PATH:
+            continue
+        try:
+            config = AppConfig.model_validate(app.get("args") or {})
+            for deployment in app.get("deployments") or []:
+                if deployment.get("name") == INGRESS_DEPLOYMENT and deployment.get("user_config") is not None:
+                    Rollout.model_validate(deployment["user_config"]).specs(config)
+        except ValueError as exc:
+            raise ValueError(f"application {app.get('name')!r}: {exc}") from None

@@ -285,6 +285,31 @@ def test_drift_is_caught_and_regeneration_fixes_it(tmp_path):
     assert patch["spec"]["serveConfigV2"] == config.read_text()
 
 
+@pytest.mark.parametrize("user_config, reason", [
+    ({"models": {"iris": {"version": "2"}}}, None),
+    ({"models": {"tulip": {"version": "2"}}}, "'tulip' is not in args.models"),
+    ({"models": {"iris": {"dedicated": True}}}, "cannot change without a restart"),
+])
+def test_the_ingress_user_config_is_checked_before_it_ships(tmp_path, user_config, reason):
+    """A replica logs a user_config it cannot apply and serves on as before: generating the
+    manifests refuses it instead, naming the reason."""
+    root = _copy_sources(tmp_path)
+    config = root / manifests.SERVE_CONFIG
+    document = yaml.safe_load(config.read_text())
+    app = document["applications"][0]
+    next(d for d in app["deployments"] if d["name"] == "ModelServer")["user_config"] = user_config
+    config.write_text(yaml.safe_dump(document, sort_keys=False))
+    run = subprocess.run([str(Path(sys.executable).parent / "serve-app"), "manifests", "--root", str(root)],
+                         capture_output=True, text=True)
+    if reason is None:
+        assert run.returncode == 0, run.stderr
+        patch = yaml.safe_load((root / manifests.GENERATED_DIR / "rayservice.yaml").read_text())
+        assert patch["spec"]["serveConfigV2"] == config.read_text()
+    else:
+        assert run.returncode == 2 and reason in run.stderr and "application 'models'" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+
+
 def test_a_version_bump_is_drift_too(tmp_path):
     root = _copy_sources(tmp_path)
     pyproject = root / "pyproject.toml"

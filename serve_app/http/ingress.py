@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from serve_app import __version__
 from serve_app.codecs import mlflow, v1, v2
-from serve_app.config import AppConfig, Rollout
+from serve_app.config import INGRESS_DEPLOYMENT, AppConfig, Rollout
 from serve_app.deployments.handles import DEPLOYMENT_OPTIONS
 from serve_app.deployments.placement import DeploymentPlacement
 from serve_app.deployments.reloads import RELOAD_TIMEOUT_S, ReloadWatcher, request_reload
@@ -77,7 +77,7 @@ def fastapi_app(server: "ModelServer") -> FastAPI:
     return api
 
 
-@serve.deployment(name="ModelServer", **DEPLOYMENT_OPTIONS)
+@serve.deployment(name=INGRESS_DEPLOYMENT, **DEPLOYMENT_OPTIONS)
 @serve.ingress()
 class ModelServer(InferenceServicer):
     """The ingress replica: the REST routes below and the gRPC service's RPCs (inherited from

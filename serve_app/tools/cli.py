@@ -40,14 +40,18 @@ def _run_manifests(args: argparse.Namespace) -> int:
     from serve_app.tools import manifests  # on demand: other commands need no YAML or kubectl
 
     root = args.root or manifests.ROOT
-    if args.check:
-        stale = manifests.out_of_date(root)
-        for path in stale:
-            print(f"out of date: {path} (run `make manifests`)", file=sys.stderr)
-        if not stale:
-            print("manifests are up to date")
-        return 1 if stale else 0
-    changed = manifests.write(root)
+    try:
+        if args.check:
+            stale = manifests.out_of_date(root)
+            for path in stale:
+                print(f"out of date: {path} (run `make manifests`)", file=sys.stderr)
+            if not stale:
+                print("manifests are up to date")
+            return 1 if stale else 0
+        changed = manifests.write(root)
+    except ValueError as exc:  # a Serve config the replicas would refuse
+        print(f"{manifests.SERVE_CONFIG}: {exc}", file=sys.stderr)
+        return 2
     for path in changed:
         print(f"wrote {path}")
     if not changed:

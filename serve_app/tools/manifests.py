@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from serve_app.config import check_serve_config
 from serve_app.tools import alert_rules
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: serve_app/tools/ -> repository root
@@ -109,6 +110,7 @@ def generated_files(root: Path = ROOT) -> dict[Path, str]:
 
     pins = read_pins(root)
     serve_config = (root / SERVE_CONFIG).read_text()
+    check_serve_config(yaml.safe_load(serve_config))  # what a replica would refuse does not ship
     return {
         GENERATED_DIR / "kustomization.yaml": component(pins),
         GENERATED_DIR / "rayservice.yaml": rayservice_patch(serve_config, pins),
