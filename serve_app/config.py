@@ -124,11 +124,15 @@ class ModelSpec(BaseModel):
     @field_validator("versions", mode="before")
     @classmethod
     def _versions(cls, value) -> list[str]:
+        if value is not None and not isinstance(value, (list, tuple)):
+            raise ValueError(f"versions: a list of versions, not {value!r}")
         return [check_segment("version", str(v)) for v in value or ()]
 
     @field_validator("traffic", mode="before")
     @classmethod
     def _traffic(cls, value) -> dict[str, float]:
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"traffic: a mapping of version to percent, not {value!r}")
         return {check_segment("version", str(k)): v for k, v in (value or {}).items()}
 
     @model_validator(mode="after")
@@ -303,8 +307,12 @@ class Rollout(BaseModel):
 
 
 
+class ServeConfigError(ValueError):
+    """A Serve config this package's replicas would not apply."""
+
+
 def check_serve_config(document: dict) -> None:
-    """ValueError naming the application whose ``args`` or ingress ``user_config`` this
+    """ServeConfigError naming the application whose ``args`` or ingress ``user_config`` this
     package would not apply. A replica logs a ``user_config`` it cannot apply and keeps serving
     (:meth:`ModelServer.reconfigure`), so ``make manifests`` checks it before it ships."""
     for app in document.get("applications") or []:
@@ -316,4 +324,4 @@ def check_serve_config(document: dict) -> None:
                 if deployment.get("name") == INGRESS_DEPLOYMENT and deployment.get("user_config") is not None:
                     Rollout.model_validate(deployment["user_config"]).specs(config)
         except ValueError as exc:
-            raise ValueError(f"application {app.get('name')!r}: {exc}") from None
+            raise ServeConfigError(f"application {app.get('name')!r}: {exc}") from None

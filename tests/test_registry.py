@@ -157,13 +157,33 @@ def test_a_rollout_reopens_only_the_models_whose_spec_changed_and_a_bad_one_keep
     assert iris.default.meta.version == "2" and iris.default.spec.max_batch_size == 8
     assert registry.known("diabetes") is diabetes  # unchanged: not reopened
 
+    batching = Rollout.model_validate({"models": {"iris": {"version": "2", "max_batch_size": 4,
+                                                           "timeout_s": 9}}}).specs(config)
+    assert run(registry.respecify(batching)) == {}
+    assert registry.known("iris") is iris and iris.default.spec.max_batch_size == 4  # in place, not reopened
+    assert registry.timeout_for("iris") == 9
+
     missing = Rollout.model_validate({"models": {"iris": {"version": "9"}}}).specs(config)
     errors = run(registry.respecify(missing))
     assert list(errors) == ["iris"] and "9" in errors["iris"]
     assert registry.known("iris") is iris  # still serving version 2
+    with pytest.raises(Exception, match="9"):  # a reload tries the wanted spec again
+        run(registry.reload("iris"))
+    assert registry.known("iris") is iris
 
     run(registry.respecify(Rollout().specs(config)))  # the override removed: back to args' version 1
     assert registry.known("iris").default.meta.version == "1"
+
+
+def test_a_reload_during_a_rollout_does_not_undo_it(store):
+    registry = registry_for(store, [{"name": "iris", "version": "1"}])
+    specs = Rollout.model_validate({"models": {"iris": {"version": "2"}}}).specs(registry.config)
+
+    async def both():
+        await asyncio.gather(registry.respecify(specs), registry.reload("iris"))
+
+    run(both())
+    assert registry.known("iris").default.meta.version == "2"
 
 
 @pytest.mark.parametrize("user_config, message", [
@@ -171,6 +191,8 @@ def test_a_rollout_reopens_only_the_models_whose_spec_changed_and_a_bad_one_keep
     ({"models": {"diabetes": {"version": "2"}}}, "dedicated"),
     ({"models": {"iris": {"store": "/elsewhere"}}}, "cannot change without a restart"),
     ({"models": {"iris": {"traffic": {"1": 50, "2": 40}}}}, "sum to 90"),
+    ({"models": {"iris": {"traffic": 5}}}, "a mapping of version to percent"),
+    ({"models": {"iris": {"versions": 5}}}, "a list of versions"),
     ({"model": {}}, "Extra inputs"),
 ])
 def test_a_rollout_that_cannot_apply_is_refused_with_the_reason(store, user_config, message):

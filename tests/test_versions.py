@@ -337,18 +337,19 @@ def test_a_rollout_through_user_config_changes_the_running_replica_in_place(serv
     declared = share_of_2()
     before = ingress_replicas()
     body = v2_body(IRIS_ROWS[:1], ("predict",))
-    with SteadyLoad(serve_cluster.url + FLEET, "/v2/models/iris/infer", body) as load:
-        time.sleep(1)
-        put_rollout({"iris": {"version": "1", "traffic": {"1": 10, "2": 90}}})
-        wait_for("the user_config split", lambda: share_of_2() == 90.0, timeout=120)
-        time.sleep(1)
-    failures = [o for o in load.outcomes if not o.ok]
-    assert len(load.outcomes) > 50 and failures == [], failures[:5]
-    assert ingress_replicas() == before
-    versions = [fleet.post("/v2/models/iris/infer", json=body).json()["model_version"] for _ in range(400)]
-    sd = (400 * 0.09) ** 0.5
-    assert abs(versions.count("2") - 360) < 4.5 * sd, versions.count("2")
-
-    put_rollout({})
+    try:
+        with SteadyLoad(serve_cluster.url + FLEET, "/v2/models/iris/infer", body) as load:
+            time.sleep(1)
+            put_rollout({"iris": {"version": "1", "traffic": {"1": 10, "2": 90}}})
+            wait_for("the user_config split", lambda: share_of_2() == 90.0, timeout=120)
+            time.sleep(1)
+        failures = [o for o in load.outcomes if not o.ok]
+        assert len(load.outcomes) > 50 and failures == [], failures[:5]
+        assert ingress_replicas() == before
+        versions = [fleet.post("/v2/models/iris/infer", json=body).json()["model_version"] for _ in range(400)]
+        sd = (400 * 0.09) ** 0.5
+        assert abs(versions.count("2") - 360) < 4.5 * sd, versions.count("2")
+    finally:  # later tests expect the fleet as args declare it (a config without user_config would not undo it)
+        put_rollout({})
     wait_for("the args' split again", lambda: share_of_2() == declared, timeout=120)
     assert ingress_replicas() == before

@@ -103,7 +103,7 @@ class ModelServer(InferenceServicer):
         be applied is logged and the models serve as they were: raising would stop the replica."""
         try:
             specs = Rollout.model_validate(user_config or {}).specs(self.config)
-        except ValueError as exc:
+        except Exception as exc:  # whatever it is, the replica serves on (make manifests refuses it first)
             logger.error("user_config not applied: %s", exc)
             return
         for name, error in (await self.registry.respecify(specs)).items():

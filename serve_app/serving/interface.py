@@ -90,6 +90,10 @@ class Worker(Protocol):
         """Raise unless the model still predicts (the replica's health check)."""
         ...
 
+    def reconfigure(self, spec: ModelSpec) -> None:
+        """Serve by ``spec`` from now on: the same version, other batching, timeout or drift."""
+        self.spec = spec
+
     def close(self) -> None:
         """Release what the worker holds (replaced by a reload, or evicted)."""
         ...

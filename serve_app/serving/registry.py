@@ -46,10 +46,17 @@ class Placement(Protocol):
         ...
 
 
+def _routing(spec: ModelSpec) -> tuple:
+    """What decides which versions a model keeps loaded and which answers: a change of these
+    opens the model again, any other is applied to its loaded workers."""
+    return spec.version, spec.versions, spec.traffic, spec.shadow
+
+
 class ModelRegistry:
     def __init__(self, config: AppConfig, store: ModelStore, placement: Placement):
         self.config, self.store, self._placement = config, store, placement
         self._specs = {spec.name: spec for spec in config.models}
+        self._swap_locks: dict[str, asyncio.Lock] = {}
         self._tail_max_bytes = config.multiplexed.max_model_bytes if config.multiplexed else config.max_model_bytes
         self.declared: dict[str, ServedModel] = {spec.name: self._open(spec) for spec in config.models}
         self._tail: OrderedDict[str, ServedModel] = OrderedDict()
@@ -165,7 +172,8 @@ class ModelRegistry:
         """Reload ``name`` from the store (``latest`` resolved again); requests in flight
         finish on the old workers."""
         if name in self.declared:
-            await self._reopen(self._specs[name])
+            async with self._swap_lock(name):  # the spec read once any rollout of it is done
+                await self._reopen(self._specs[name])
         else:
             self._absent.pop(name, None)  # a lookup that found nothing a moment ago runs again
             if name not in self._tail:
@@ -179,24 +187,43 @@ class ModelRegistry:
 
     async def respecify(self, specs: Iterable[ModelSpec]) -> dict[str, str]:
         """Serve the declared models by ``specs`` (the ingress's ``user_config``,
-        :class:`serve_app.config.Rollout`): each whose spec changed opens again as a reload
-        would (``latest`` resolved again; requests in flight finish on the old workers), as a
-        redeploy would open it, without a restart. A model that cannot open keeps serving as
-        it was: raising here would make Serve stop the replica. Returns the errors by model."""
+        :class:`serve_app.config.Rollout`). A model whose live versions, split or shadow changed
+        opens again as a redeploy would open it (``latest`` resolved again; requests in flight
+        finish on the old workers), without a restart; one whose batching, timeout or drift
+        settings alone changed is reconfigured in place. A model that cannot open keeps serving
+        as it was (raising here would make Serve stop the replica), but the new spec is kept,
+        so a reload (``POST /v2/repository/models/<name>/load``) tries it again. Returns the
+        errors by model."""
         errors = {}
         for spec in specs:
-            if self._specs.get(spec.name) in (None, spec):
+            if spec.name not in self._specs:
                 continue
-            try:
-                await self._reopen(spec)
-            except Exception as exc:  # any failure to open leaves the model serving as it was
-                errors[spec.name] = f"{type(exc).__name__}: {exc}"
+            async with self._swap_lock(spec.name):
+                current = self._specs[spec.name]
+                if spec == current:
+                    continue
+                if _routing(spec) == _routing(current):
+                    for worker in distinct(self.declared[spec.name].by_version.values()):
+                        worker.reconfigure(spec.for_version(worker.spec.version))
+                    self._specs[spec.name] = spec
+                    continue
+                try:
+                    await self._reopen(spec)
+                except Exception as exc:  # any failure to open leaves the model serving as it was
+                    self._specs[spec.name] = spec
+                    errors[spec.name] = f"{type(exc).__name__}: {exc}"
         return errors
+
+    def _swap_lock(self, name: str) -> asyncio.Lock:
+        """One swap of a declared model at a time: a reload and a rollout of the same model
+        interleave at their loads, and the later swap would undo the other."""
+        return self._swap_locks.setdefault(name, asyncio.Lock())
 
     async def _reopen(self, spec: ModelSpec) -> None:
         fresh = await asyncio.to_thread(self._open, spec)
         old, self.declared[spec.name], self._specs[spec.name] = self.declared[spec.name], fresh, spec
-        close_later(old.by_version.values(), spec.timeout_s)
+        # requests queued on the old workers keep the time they were promised
+        close_later(old.by_version.values(), max(spec.timeout_s, old.default.spec.timeout_s))
 
     # -- the repository index ------------------------------------------------------------------
     async def index(self) -> list[dict]:

@@ -37,6 +37,7 @@ def _add_manifests(subparsers) -> None:
 
 
 def _run_manifests(args: argparse.Namespace) -> int:
+    from serve_app.config import ServeConfigError
     from serve_app.tools import manifests  # on demand: other commands need no YAML or kubectl
 
     root = args.root or manifests.ROOT
@@ -49,7 +50,7 @@ def _run_manifests(args: argparse.Namespace) -> int:
                 print("manifests are up to date")
             return 1 if stale else 0
         changed = manifests.write(root)
-    except ValueError as exc:  # a Serve config the replicas would refuse
+    except ServeConfigError as exc:
         print(f"{manifests.SERVE_CONFIG}: {exc}", file=sys.stderr)
         return 2
     for path in changed:
