@@ -37,7 +37,7 @@ def _add_manifests(subparsers) -> None:
 
 
 def _run_manifests(args: argparse.Namespace) -> int:
-    from serve_app.config import ServeConfigError
+    from serve_app.config import ServeConfigError  # on demand, as manifests below
     from serve_app.tools import manifests  # on demand: other commands need no YAML or kubectl
 
     root = args.root or manifests.ROOT
