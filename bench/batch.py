@@ -38,7 +38,7 @@ from typing import Iterator
 
 import numpy as np
 
-from bench import cpushare, launch, loadgen
+from bench import launch, loadgen
 from bench.harness import our_config, request_for
 from bench.workloads import WORKLOADS
 from serve_app.runtimes import load_runtime
@@ -46,7 +46,6 @@ from serve_app.store import ModelStore
 from serve_app.tools.localserve import ensure_ray_token, free_port, stop_ray_cluster
 
 BIN = Path(sys.executable).parent
-SCORING_ACTOR = "ray::MapWorker(MapBatches(_Scorer))"  # the scoring actors' process title
 RESULTS = Path(__file__).resolve().parent / "results" / "batch.json"
 HTTP_WORKLOADS = {"churn": ("churn-1", "churn-1000")}
 
@@ -142,18 +141,13 @@ def score_cell(store: ModelStore, model: str, sources: tuple[Path, Path], out: P
 
     from serve_app import scoring
 
-    runs, actor_cpu = [], []
+    runs = []
     try:
         for source in sources:
-            before = cpushare.ticks()
             summary = scoring.score(model, str(source), str(out), store=store.uri, address=address,
                                     batch_rows=batch_rows, outputs=("predict", "predict_proba"))
-            used = cpushare.cpu_seconds(before, cpushare.ticks())
             assert summary.failed == 0, summary
             runs.append(summary)
-            actor_cpu.append(sum(s for kind, s in used.items() if kind.startswith(SCORING_ACTOR)))
-            print(f"    {summary.rows:,} rows in {summary.seconds:.1f} s; CPU-s: "
-                  + ", ".join(f"{kind} {s:.1f}" for kind, s in list(used.items())[:5]), flush=True)
     finally:
         ray.shutdown()
     whole, half = runs
@@ -163,13 +157,7 @@ def score_cell(store: ModelStore, model: str, sources: tuple[Path, Path], out: P
     # table slower than the whole). Then there is none.
     extra_s = whole.seconds - half.seconds
     steady = (whole.rows - rows_half) / extra_s if extra_s > 0.2 * whole.seconds else None
-    # Rows per CPU-second of the scoring actors beyond the half table: their rate once started
-    # (each actor's start, imports and model load, costs 3-4 CPU-seconds per run), less noisy
-    # than the wall-clock slope on shared cores.
-    extra_cpu = actor_cpu[0] - actor_cpu[1]
-    per_actor_cpu_s = (whole.rows - rows_half) / extra_cpu if extra_cpu > 0 else None
-    return {"rows_per_actor_cpu_s": per_actor_cpu_s, "actor_cpu_s": actor_cpu[0],
-            "rows_per_s": whole.rows_per_second, "seconds": whole.seconds, "connect_s": whole.startup_seconds,
+    return {"rows_per_s": whole.rows_per_second, "seconds": whole.seconds, "connect_s": whole.startup_seconds,
             "rows": whole.rows, "steady_rows_per_s": steady,
             "fixed_s": None if steady is None else whole.seconds - whole.rows / steady}
 
@@ -256,7 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     cells = {name: {"rows_per_s": spread([c["rows_per_s"] for c in values]),
                     **({"startup_s": spread([c["cluster_start_s"] + c["connect_s"] for c in values]),
                         "steady_rows_per_s": spread([c["steady_rows_per_s"] for c in values]),
-                        "rows_per_actor_cpu_s": spread([c["rows_per_actor_cpu_s"] for c in values]),
                         "fixed_s": spread([c["fixed_s"] for c in values])}
                        if "connect_s" in values[0] else {})}
              for name, values in samples.items()}
@@ -280,10 +267,6 @@ def main(argv: list[str] | None = None) -> int:
             steady, fixed = cell["steady_rows_per_s"], cell["fixed_s"]
             extra = f"  start-up {cell['startup_s']['median']:.1f} s;" + slope_text(
                 steady and steady["median"], fixed and fixed["median"], limit * cpus[name])
-            per_cpu = cell["rows_per_actor_cpu_s"]
-            if per_cpu:
-                extra += (f"; started actors {per_cpu['median']:,.0f} rows per CPU-second "
-                          f"({per_cpu['median'] / limit:.2f}x in-process)")
         per_core = f", {cell['per_core_vs_in_process']:.2f}x per core" if "per_core_vs_in_process" in cell else ""
         print(f"  {name:18} {rate['median']:>12,.0f} rows/s ({rate['min']:,.0f}-{rate['max']:,.0f})  "
               f"{cell['vs_in_process']:.2f}x in-process{per_core}{extra}")
