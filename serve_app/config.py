@@ -152,6 +152,12 @@ class ModelSpec(BaseModel):
         return list(dict.fromkeys([self.version, *self.versions, *self.traffic,
                                    *([self.shadow] if self.shadow else [])]))
 
+    @property
+    def routing(self) -> tuple:
+        """What decides which versions are loaded and which answers (what ``for_version``
+        clears): a change of these opens the model again, any other applies to loaded workers."""
+        return self.version, self.versions, self.traffic, self.shadow
+
     def for_version(self, version: str) -> "ModelSpec":
         """The same settings for one of the live versions (what a worker loads)."""
         return self.model_copy(update={"version": version, "versions": [], "traffic": {}, "shadow": None})
@@ -304,7 +310,6 @@ class Rollout(BaseModel):
                                  f"these can: {sorted(ROLLOUT_FIELDS)}")
             declared[name] = ModelSpec.model_validate({**spec.model_dump(), **fields})
         return list(declared.values())
-
 
 
 class ServeConfigError(ValueError):

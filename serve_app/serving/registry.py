@@ -46,12 +46,6 @@ class Placement(Protocol):
         ...
 
 
-def _routing(spec: ModelSpec) -> tuple:
-    """What decides which versions a model keeps loaded and which answers: a change of these
-    opens the model again, any other is applied to its loaded workers."""
-    return spec.version, spec.versions, spec.traffic, spec.shadow
-
-
 class ModelRegistry:
     def __init__(self, config: AppConfig, store: ModelStore, placement: Placement):
         self.config, self.store, self._placement = config, store, placement
@@ -202,7 +196,7 @@ class ModelRegistry:
                 current = self._specs[spec.name]
                 if spec == current:
                     continue
-                if _routing(spec) == _routing(current):
+                if spec.routing == current.routing:
                     for worker in distinct(self.declared[spec.name].by_version.values()):
                         worker.reconfigure(spec.for_version(worker.spec.version))
                     self._specs[spec.name] = spec
