@@ -40,19 +40,20 @@ from serve_app.tools.train import train_model
 from test_registry import registry_for
 
 SIZED, OVERLOAD = 32, 1000  # clients: what two ingress replicas are sized for, and many times that
-WARMUP_S, MEASURE_S = 2, 6  # h2load's warm-up (1,000 connections opening at once), then the window
+WARMUP_S, MEASURE_S = 3, 8  # h2load's warm-up (1,000 connections opening at once), then each thread's window
 CLIENT_TIMEOUT_S = 5.0  # an answer later than this counts as a socket timeout
 MAIN = {"application": "models"}  # the session cluster runs three applications
 RAY_WORKER_NICENESS = 15  # Ray 2.60's default worker_niceness (the raylet's config)
 FAILED = {"-1", "0"}  # h2load's status of a request that got no answer (a failed stream, a closed connection)
-# Goodput at OVERLOAD over the SIZED throughput. Issue 20 asks 0.7; on a nearly quiet 2-core machine
-# this design measured 0.42-0.54 (HTTP; docs/reliability-security.md). The floor catches a collapse
-# (0.19-0.35 beside other test runs); 0.7 is still open.
-GOODPUT_FLOOR = 0.35
-# The accepted requests' p99 at OVERLOAD. Issue 20 asks 1 s for both: HTTP holds it (0.45-0.59 s
-# since h2load runs at the server's niceness); gRPC, whose calls cost the replica about twice an
-# HTTP one, measured 1.2-1.6 s: still open, the bound catches a queue that grows with the clients
-# (p99 1.4-2.9 s before shedding).
+# Goodput at OVERLOAD over the SIZED throughput, while every h2load thread measures (Run.window).
+# HTTP: the issue's 0.7 (measured 0.92-0.95). gRPC is not shed the same way: Serve's gRPC server in
+# the replica accepts one call per turn of its event loop, so at 1,000 clients ~500 calls per replica
+# wait inside gRPC's core, unseen by any admission in the replica (HAProxy's stats: 500 streams open
+# per replica, a handful admitted). Its goodput is what the replica does with them: 0.63-0.82.
+GOODPUT_FLOOR = {"v2": 0.7, "grpc": 0.5}
+# The accepted requests' p99 at OVERLOAD. HTTP: the issue's 1 s (measured 0.24-0.59 s). gRPC: that
+# hidden queue is a client's wait (1,000 clients over ~900 calls/s: p50 ~0.9 s, p99 1.0-1.6 s);
+# the bound catches a wait that grows further.
 ACCEPTED_P99_S = {"v2": 1.0, "grpc": 2.5}
 
 
@@ -167,11 +168,22 @@ class Run:
     rows: list[tuple[float, str, float]]  # (start s, status, latency s)
     errors: int  # streams h2load saw fail: reset, timed out, errored (no status)
 
+    def window(self) -> tuple[float, float]:
+        """When every h2load thread was measuring. Each thread starts its MEASURE_S once its own
+        warm-up is over, and at 1,000 clients the second thread's connections open up to 2 s
+        after the first's; until then the requests the first thread logs are the oldest waiters,
+        which the admission serves last, while the second thread's unlogged warm-up requests take
+        the slots (in one run the log's first 2 s held 32 200s, the rest ~1,900 a second)."""
+        starts = [r[0] for r in self.rows]
+        return max(starts) - MEASURE_S, min(starts) + MEASURE_S
+
     def answered_per_s(self, accepted) -> float:
-        """Accepted answers (``accepted(status, latency)``) that came within the window, per second."""
-        begin = min(r[0] for r in self.rows)
+        """Accepted answers (``accepted(status, latency)``) to requests sent and answered within
+        the window, per second."""
+        begin, end = self.window()
+        assert end - begin >= MEASURE_S / 2, f"h2load's threads measured only {end - begin:.1f} s together"
         return sum(1 for start, status, lat in self.rows
-                   if accepted(status, lat) and start + lat < begin + MEASURE_S) / MEASURE_S
+                   if accepted(status, lat) and start >= begin and start + lat <= end) / (end - begin)
 
     def timeouts(self) -> int:
         return self.errors + sum(1 for _, status, lat in self.rows if status in FAILED or lat > CLIENT_TIMEOUT_S)
@@ -255,23 +267,31 @@ def admission(cluster) -> AdmissionSpec:
     return AdmissionSpec.model_validate(app["args"].get("admission", {}))
 
 
-def grpc_infer_once(target: str, request, timeout: float = 30) -> grpc.StatusCode:
-    with grpc.insecure_channel(target) as channel:
-        call = channel.unary_unary(GRPC_INFER, request_serializer=pb.ModelInferRequest.SerializeToString,
-                                   response_deserializer=pb.ModelInferResponse.FromString)
-        try:
-            call.with_call(pb.ModelInferRequest.FromString(request.body[5:]), timeout=timeout,
-                           metadata=list(MAIN.items()))
-            return grpc.StatusCode.OK
-        except grpc.RpcError as error:
-            return error.code()
+def grpc_infer_once(target: str, request, timeout: float = 30, channel: grpc.Channel | None = None) -> grpc.StatusCode:
+    own = channel is None
+    channel = grpc.insecure_channel(target) if own else channel
+    call = channel.unary_unary(GRPC_INFER, request_serializer=pb.ModelInferRequest.SerializeToString,
+                               response_deserializer=pb.ModelInferResponse.FromString)
+    try:
+        call.with_call(pb.ModelInferRequest.FromString(request.body[5:]), timeout=timeout,
+                       metadata=list(MAIN.items()))
+        return grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        return error.code()
+    finally:
+        if own:
+            channel.close()
 
 
 class Sampler:
     """A few ordinary clients' requests in the middle of the overload, answers kept whole: what
-    a refused client sees (h2load keeps statuses and latencies only)."""
+    a refused client sees (h2load keeps statuses and latencies only). Their clients are made
+    before the window: an httpx client per request (its TLS context) cost this process a quarter
+    of a core in the window, on the cores the server runs on."""
 
-    def __init__(self, send, count: int = 40):
+    COUNT = 40
+
+    def __init__(self, send, count: int = COUNT):
         self.send, self.count, self.answers = send, count, []
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -288,9 +308,9 @@ class Sampler:
         self._thread.join()
 
 
-def post_http(url: str, request):
+def post_http(url: str, request, client: httpx.Client | None = None):
     try:
-        return httpx.post(url + request.path, content=request.body, headers=request.headers, timeout=30)
+        return (client or httpx).post(url + request.path, content=request.body, headers=request.headers, timeout=30)
     except httpx.HTTPError as error:
         return error
 
@@ -309,10 +329,12 @@ def test_overload_is_shed_and_the_accepted_requests_stay_fast(serve_cluster, tmp
         sized = h2load(url, request, SIZED, tmp_path, h1=h1, extra_headers=extra)
         sized_counts = counted(serve_cluster, protocol, before, None)
         before = {o: shed_count(serve_cluster, protocol, o) for o in outcomes}
-        send = (lambda: post_http(serve_cluster.url, request)) if h1 else (
-            lambda: grpc_infer_once(serve_cluster.grpc_target, request))
-        with Sampler(send) as sampler:
-            over = h2load(url, request, OVERLOAD, tmp_path, h1=h1, extra_headers=extra)
+        with httpx.Client(limits=httpx.Limits(max_connections=Sampler.COUNT)) as client, \
+                grpc.insecure_channel(serve_cluster.grpc_target) as channel:
+            send = (lambda: post_http(serve_cluster.url, request, client)) if h1 else (
+                lambda: grpc_infer_once(serve_cluster.grpc_target, request, channel=channel))
+            with Sampler(send) as sampler:
+                over = h2load(url, request, OVERLOAD, tmp_path, h1=h1, extra_headers=extra)
         after = post_http(serve_cluster.url, request) if h1 else grpc_infer_once(serve_cluster.grpc_target, request)
         counts = counted(serve_cluster, protocol, before, None)  # warm-up included: h2load logs none of it
 
@@ -348,7 +370,7 @@ def test_overload_is_shed_and_the_accepted_requests_stay_fast(serve_cluster, tmp
         assert sized_counts["ok"] >= len(sized.rows) and sized_counts["shed"] == 0, sized_counts
         assert set(statuses) - FAILED <= {"200", "503"}, statuses  # no 500 from HAProxy, no 408 from Serve
         assert over.timeouts() <= 0.01 * len(over.rows), figures[protocol]
-        assert goodput >= GOODPUT_FLOOR * sized_rate, figures[protocol]
+        assert goodput >= GOODPUT_FLOOR[protocol] * sized_rate, figures[protocol]
         assert slow <= 0.01 * len(accepted), figures[protocol]  # accepted p99 within the bound
         # Every answer was ours and counted: OK or shed, nothing else (Serve's own refusals are not
         # counted); the server saw more than h2load logged (the warm-up), never fewer.
