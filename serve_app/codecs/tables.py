@@ -120,12 +120,10 @@ def typed_column(feature: Feature, values: Any, accepts_missing: bool, allow_unk
     """One column's values as a 1-D array of the feature's type, or a BadInput saying why."""
     array, object_kind = _one_dimensional(values, what)
     if feature.is_textual:
-        column = _text(array, object_kind, what)
-    elif feature.dtype == "bool":
-        column = _booleans(array, what)
+        column, missing = _text(array, object_kind, what)
     else:
-        column = _numbers(array, feature.dtype, what)
-    missing = _missing_mask(column)
+        column = _booleans(array, what) if feature.dtype == "bool" else _numbers(array, feature.dtype, what)
+        missing = _missing_mask(column)
     if missing is not None and missing.any() and not (feature.nullable or accepts_missing):
         raise BadInput(f"{what}: missing values (null) are not accepted: the column had none in training "
                        "and this model cannot take them", "missing_value")
@@ -160,20 +158,21 @@ def _one_dimensional(values: Any, what: str) -> tuple[np.ndarray, str | None]:
     return array, object_kind
 
 
-def _text(array: np.ndarray, object_kind: str | None, what: str) -> np.ndarray:
+def _text(array: np.ndarray, object_kind: str | None, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The text column (objects, missing as NaN) and its missing-value mask (None: none can be)."""
     kind = array.dtype.kind
     if kind == "U":
-        return array.astype(object)
+        return array.astype(object), None
     if kind == "O":
         if object_kind in ("string", "empty"):
-            column = array.copy()
-            column[_pandas().isna(array)] = np.nan  # None (a JSON null, an Arrow null) is missing
-            return column
+            column, missing = array.copy(), _pandas().isna(array)
+            column[missing] = np.nan  # None (a JSON null, an Arrow null) is missing
+            return column, missing
         bad = [v for v in array if not (isinstance(v, str) or v is None or _is_nan(v))]
         raise BadInput(f"{what}: expects strings, got {_quote(bad)} (numbers are not turned into text: "
                        "send them as strings)", "wrong_type")
     if array.size == 0:
-        return array.astype(object)
+        return array.astype(object), None
     raise BadInput(f"{what}: expects strings, got {_kind_name(array)}", "wrong_type")
 
 
@@ -244,9 +243,9 @@ def _missing_mask(column: np.ndarray) -> np.ndarray | None:
 
 
 def _check_categories(column: np.ndarray, missing: np.ndarray | None, feature: Feature, what: str) -> None:
-    allowed = set(feature.categories)
-    unseen = [v for i, v in enumerate(column.tolist())
-              if not (missing is not None and missing[i]) and v not in allowed]
+    present = column if missing is None else column[~missing]
+    # pandas' hash table: a batch of a million rows is checked in C, with Python's equality
+    unseen = present[~_pandas().Series(present, dtype=object, copy=False).isin(feature.categories).to_numpy()].tolist()
     if unseen:
         values = list(dict.fromkeys(unseen))
         raise BadInput(f"{what}: {_quote(values)} never seen in training; allowed values: "
