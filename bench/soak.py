@@ -72,12 +72,30 @@ def watched_processes(markers: list[str]) -> dict[int, tuple[str, psutil.Process
     return found
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """Open fds by what they are (socket, pipe, eventfd, epoll, file...): a rise says which kind."""
+    kinds: dict[str, int] = {}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return kinds
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = target.split(":", 1)[0] if ":" in target and not target.startswith("/") else "file"
+        kind = target if kind == "anon_inode" else kind
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def measure(processes: dict[int, tuple[str, psutil.Process]]) -> dict[str, dict]:
-    """RSS (bytes) and open fds of each process, keyed "<label> <pid>"."""
+    """RSS (bytes) and open fds of each process (in all and by kind), keyed "<label> <pid>"."""
     out = {}
     for pid, (label, proc) in processes.items():
         try:
-            out[f"{label} {pid}"] = {"rss": proc.memory_info().rss, "fds": proc.num_fds()}
+            out[f"{label} {pid}"] = {"rss": proc.memory_info().rss, "fds": proc.num_fds(), "fd_kinds": fd_kinds(pid)}
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return out
@@ -148,6 +166,11 @@ def run_soak(url: str, markers: list[str], duration_s: float, concurrency: int =
     return {**summarize(samples, warmup_s, concurrency, models), "error_samples": error_samples, "samples": samples}
 
 
+def fd_change(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
+            if after.get(k, 0) != before.get(k, 0)}
+
+
 def summarize(samples: list[dict], warmup_s: float, concurrency: int, models) -> dict:
     """Totals and, per process alive from the first sample after the warm-up to the last, its
     RSS growth and fd change; the goals' verdicts."""
@@ -158,7 +181,9 @@ def summarize(samples: list[dict], warmup_s: float, concurrency: int, models) ->
         rss0, rss1, fd0, fd1 = first[key]["rss"], last[key]["rss"], first[key]["fds"], last[key]["fds"]
         processes[key] = {"rss_after_warmup_mb": round(rss0 / 2**20, 1), "rss_end_mb": round(rss1 / 2**20, 1),
                           "rss_growth": round(rss1 / rss0 - 1, 4), "fds_after_warmup": fd0, "fds_end": fd1,
-                          "fds_max": max(s["processes"].get(key, {}).get("fds", 0) for s in steady)}
+                          "fds_max": max(s["processes"].get(key, {}).get("fds", 0) for s in steady),
+                          "fds_mid": steady[len(steady) // 2]["processes"].get(key, {}).get("fds", fd0),
+                          "fd_kinds_change": fd_change(first[key].get("fd_kinds", {}), last[key].get("fd_kinds", {}))}
     requests = sum(s["requests"] for s in samples)
     errors = sum(s["errors"] for s in samples)
     steady_time = steady[-1]["t"] - steady[0]["t"] if len(steady) > 1 else 0

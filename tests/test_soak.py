@@ -26,6 +26,9 @@ def test_thirty_second_soak_has_no_errors_flat_memory_and_flat_fds(serve_cluster
     assert all(s["p99_ms"] is not None for s in result["samples"]), "an interval without answers"
     for name, process in result["processes"].items():
         assert process["rss_growth"] < SHORT_RUN_RSS_GROWTH, (name, process)
-        assert process["fds_end"] <= process["fds_after_warmup"] + FD_SLACK, (name, process)
+        # From the middle of the run: a replica started late in a busy suite still opens its
+        # connections to its peers in the first seconds (model-diabetes went 49 -> 66, its count
+        # from the start when run alone). A leak of one fd per request would add thousands.
+        assert process["fds_end"] <= process["fds_mid"] + FD_SLACK, (name, process)
     plot(result, tmp_path / "soak.png")
     assert (tmp_path / "soak.png").stat().st_size > 10_000
