@@ -157,6 +157,8 @@ def score_cell(store: ModelStore, model: str, sources: tuple[Path, Path], out: P
     # table slower than the whole). Then there is none.
     extra_s = whole.seconds - half.seconds
     steady = (whole.rows - rows_half) / extra_s if extra_s > 0.2 * whole.seconds else None
+    if steady is not None and whole.seconds < whole.rows / steady:  # a negative fixed cost: noise too
+        steady = None
     return {"rows_per_s": whole.rows_per_second, "seconds": whole.seconds, "connect_s": whole.startup_seconds,
             "rows": whole.rows, "steady_rows_per_s": steady,
             "fixed_s": None if steady is None else whole.seconds - whole.rows / steady}

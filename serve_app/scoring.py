@@ -421,7 +421,7 @@ def scored_dataset(model: str, input, *, version: str | None = None, store: str 
         # beside scoring, and Ray Data's memory budget still paces them.
         dataset = dataset.map_batches(_read_files, fn_args=(fs, files, fmt, batch_rows, text), batch_size=1,
                                       batch_format="pyarrow", num_cpus=0,
-                                      compute=ray.data.TaskPoolStrategy(size=READ_TASKS))
+                                      compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, len(files))))
         # One block per batch, not one per file: each block goes to one scoring actor, and a
         # file read as one block (Ray Data merges a task's output up to its block size, 128 MiB
         # by default) would be scored by one actor while the others wait.
