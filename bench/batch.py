@@ -157,11 +157,11 @@ def score_cell(store: ModelStore, model: str, sources: tuple[Path, Path], out: P
     # table slower than the whole). Then there is none.
     extra_s = whole.seconds - half.seconds
     steady = (whole.rows - rows_half) / extra_s if extra_s > 0.2 * whole.seconds else None
-    if steady is not None and whole.seconds < whole.rows / steady:  # a negative fixed cost: noise too
-        steady = None
+    fixed = None if steady is None else whole.seconds - whole.rows / steady
+    if fixed is not None and fixed < 0:  # a negative fixed cost: noise too
+        steady = fixed = None
     return {"rows_per_s": whole.rows_per_second, "seconds": whole.seconds, "connect_s": whole.startup_seconds,
-            "rows": whole.rows, "steady_rows_per_s": steady,
-            "fixed_s": None if steady is None else whole.seconds - whole.rows / steady}
+            "rows": whole.rows, "steady_rows_per_s": steady, "fixed_s": fixed}
 
 
 def http_cells(store_path: Path, model: str, work: Path, connections: int, seconds: float) -> dict[str, float]:

@@ -95,7 +95,8 @@ def measure(processes: dict[int, tuple[str, psutil.Process]]) -> dict[str, dict]
     out = {}
     for pid, (label, proc) in processes.items():
         try:
-            out[f"{label} {pid}"] = {"rss": proc.memory_info().rss, "fds": proc.num_fds(), "fd_kinds": fd_kinds(pid)}
+            kinds = fd_kinds(pid)
+            out[f"{label} {pid}"] = {"rss": proc.memory_info().rss, "fds": sum(kinds.values()), "fd_kinds": kinds}
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return out

@@ -267,9 +267,7 @@ def admission(cluster) -> AdmissionSpec:
     return AdmissionSpec.model_validate(app["args"].get("admission", {}))
 
 
-def grpc_infer_once(target: str, request, timeout: float = 30, channel: grpc.Channel | None = None) -> grpc.StatusCode:
-    own = channel is None
-    channel = grpc.insecure_channel(target) if own else channel
+def grpc_infer_once(channel: grpc.Channel, request, timeout: float = 30) -> grpc.StatusCode:
     call = channel.unary_unary(GRPC_INFER, request_serializer=pb.ModelInferRequest.SerializeToString,
                                response_deserializer=pb.ModelInferResponse.FromString)
     try:
@@ -278,9 +276,6 @@ def grpc_infer_once(target: str, request, timeout: float = 30, channel: grpc.Cha
         return grpc.StatusCode.OK
     except grpc.RpcError as error:
         return error.code()
-    finally:
-        if own:
-            channel.close()
 
 
 class Sampler:
@@ -308,9 +303,9 @@ class Sampler:
         self._thread.join()
 
 
-def post_http(url: str, request, client: httpx.Client | None = None):
+def post_http(client: httpx.Client, url: str, request):
     try:
-        return (client or httpx).post(url + request.path, content=request.body, headers=request.headers, timeout=30)
+        return client.post(url + request.path, content=request.body, headers=request.headers, timeout=30)
     except httpx.HTTPError as error:
         return error
 
@@ -331,11 +326,11 @@ def test_overload_is_shed_and_the_accepted_requests_stay_fast(serve_cluster, tmp
         before = {o: shed_count(serve_cluster, protocol, o) for o in outcomes}
         with httpx.Client(limits=httpx.Limits(max_connections=Sampler.COUNT)) as client, \
                 grpc.insecure_channel(serve_cluster.grpc_target) as channel:
-            send = (lambda: post_http(serve_cluster.url, request, client)) if h1 else (
-                lambda: grpc_infer_once(serve_cluster.grpc_target, request, channel=channel))
+            send = (lambda: post_http(client, serve_cluster.url, request)) if h1 else (
+                lambda: grpc_infer_once(channel, request))
             with Sampler(send) as sampler:
                 over = h2load(url, request, OVERLOAD, tmp_path, h1=h1, extra_headers=extra)
-        after = post_http(serve_cluster.url, request) if h1 else grpc_infer_once(serve_cluster.grpc_target, request)
+            after = send()
         counts = counted(serve_cluster, protocol, before, None)  # warm-up included: h2load logs none of it
 
         statuses = Counter(status for _, status, _ in over.rows)
